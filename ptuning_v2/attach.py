@@ -1,0 +1,228 @@
+"""Attach a prefix to a frozen transformers model.
+
+The model object stays what it was (a ``GlmForCausalLM``, ``Qwen2ForCausalLM``, ``...ForSequenceClassification``)
+so ``forward``, ``generate``, the Trainer and DeepSpeed all see an ordinary transformers model. A forward pre-hook
+rewrites each call:
+
+- ``past_key_values``: the prefix as a transformers ``Cache`` (tuples are refused by transformers 5), in the
+  model's compute dtype while the encoder stays fp32;
+- ``attention_mask``: ``pre_seq_len`` ones prepended (without them the logits change silently);
+- ``position_ids``: real tokens count from 0, left padding skipped (ChatGLM), or from ``pre_seq_len`` (PEFT).
+
+``generate`` never sees the prefix: it builds positions and masks for the real tokens only, and the hook fills the
+prefix into generate's empty cache on the first step, so the encoder runs once per batch, not once per token.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from types import MethodType
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .prefix_encoder import PrefixConfig, PrefixEncoder, kv_shape_from_config
+
+# Set on a Cache once it holds the prefix; its value is the prefix length.
+_PREFIX_MARK = "_ptuning_v2_prefix_len"
+# Task heads of the NLU classes: randomly initialised, so they train (and are saved) with the prefix.
+HEAD_NAMES = ("score", "classifier")
+
+
+class ReadOnlyPrefixLayer(DynamicLayer):
+    """One layer's prefix that ``update`` reads but never grows.
+
+    Training forwards use it: a gradient-checkpointed layer replays its forward in the backward pass, and a cache
+    that appended on every call would then hold the new keys twice.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys = torch.cat([self.keys.to(key_states.device), key_states], dim=-2)
+        values = torch.cat([self.values.to(value_states.device), value_states], dim=-2)
+        return keys, values
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype activations flow in; embeddings are never quantised, so theirs is reliable."""
+    return model.get_input_embeddings().weight.dtype
+
+
+def _prefix_pairs(model: nn.Module, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return model.prefix_encoder(batch_size, dtype=compute_dtype(model))
+
+
+def _read_only_cache(model: nn.Module, batch_size: int) -> Cache:
+    cache = Cache(layers=[ReadOnlyPrefixLayer(k, v) for k, v in _prefix_pairs(model, batch_size)])
+    setattr(cache, _PREFIX_MARK, model.prefix_config.pre_seq_len)
+    return cache
+
+
+def _fill_cache(model: nn.Module, cache: Cache, batch_size: int) -> Cache:
+    for layer_idx, (key, value) in enumerate(_prefix_pairs(model, batch_size)):
+        cache.update(key, value, layer_idx)
+    setattr(cache, _PREFIX_MARK, model.prefix_config.pre_seq_len)
+    return cache
+
+
+def _as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Fold positional arguments into keywords, so the hook sees ``input_ids`` however it was passed."""
+    if not args:
+        return dict(kwargs)
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    merged: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            merged.update(value)
+        else:
+            merged[name] = value
+    return merged
+
+
+def _check_checkpointing(model: nn.Module) -> None:
+    layer = next(iter(model._prefix_checkpoint_layers), None)
+    if layer is None or not layer.gradient_checkpointing:
+        return
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    if getattr(func, "keywords", {}).get("use_reentrant", False):
+        raise ValueError(
+            "gradient checkpointing with use_reentrant=True cannot carry gradients to the prefix (it reaches the "
+            "layers inside the cache, not as a tensor argument); enable it with "
+            "gradient_checkpointing_kwargs={'use_reentrant': False}"
+        )
+
+
+def _real_positions(
+    real_mask: torch.Tensor | None, past_real: int, batch: int, q_len: int, device
+) -> torch.Tensor:
+    """Positions of the current tokens counted over real tokens only: left padding does not shift them."""
+    if real_mask is None:
+        return torch.arange(past_real, past_real + q_len, device=device).unsqueeze(0).expand(batch, -1)
+    positions = real_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(real_mask == 0, 0)[:, -q_len:]
+
+
+def _inject_prefix(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    kwargs = _as_kwargs(model, args, kwargs)
+    config: PrefixConfig = model.prefix_config
+    pre_seq_len = config.pre_seq_len
+    inputs = kwargs.get("input_ids")
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    if inputs is None:
+        raise ValueError("the prefix needs input_ids or inputs_embeds to size its batch")
+    batch, q_len = inputs.shape[0], inputs.shape[1]
+    if model.training:
+        _check_checkpointing(model)
+
+    cache = kwargs.get("past_key_values")
+    past_real = 0
+    if cache is None:
+        if kwargs.get("use_cache") and not model.training:
+            cache = _fill_cache(model, DynamicCache(config=model.config), batch)
+        else:
+            cache = _read_only_cache(model, batch)
+    elif not isinstance(cache, Cache):
+        raise TypeError(f"past_key_values must be a transformers Cache, got {type(cache).__name__}")
+    elif getattr(cache, _PREFIX_MARK, None) == pre_seq_len:
+        past_real = cache.get_seq_length() - pre_seq_len
+    elif cache.get_seq_length() == 0:
+        cache = _fill_cache(model, cache, batch)  # generate's fresh cache: first step
+    else:
+        raise ValueError(
+            "past_key_values holds states that were not computed with this prefix; pass None (or a cache returned "
+            "by this model) so the prefix can be placed first"
+        )
+    kwargs["past_key_values"] = cache
+
+    mask = kwargs.get("attention_mask")
+    real_mask = None
+    if mask is not None:
+        if mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask must be 2-D (batch, seq) with a prefix attached, got {tuple(mask.shape)}"
+            )
+        real_len = past_real + q_len
+        if mask.shape[1] == real_len:
+            real_mask = mask
+            prefix_ones = torch.ones(batch, pre_seq_len, dtype=mask.dtype, device=mask.device)
+            kwargs["attention_mask"] = torch.cat([prefix_ones, mask], dim=1)
+        elif mask.shape[1] == pre_seq_len + real_len:
+            real_mask = mask[:, pre_seq_len:]  # already extended by the caller, as PEFT users do
+        else:
+            raise ValueError(
+                f"attention_mask has length {mask.shape[1]}; expected {real_len} (past + new tokens) or "
+                f"{pre_seq_len + real_len} (with the {pre_seq_len} prefix positions)"
+            )
+
+    if kwargs.get("position_ids") is None:
+        kwargs["position_ids"] = _real_positions(real_mask, past_real, batch, q_len, inputs.device)
+    if config.position_convention == "peft":
+        kwargs["position_ids"] = kwargs["position_ids"] + pre_seq_len
+    return (), kwargs
+
+
+def _save_prefix(model: nn.Module, save_directory: str | Path) -> Path:
+    from .checkpoint import save_prefix_checkpoint
+
+    return save_prefix_checkpoint(model, save_directory)
+
+
+def trainable_head(model: nn.Module) -> dict[str, nn.Module]:
+    """The NLU task head (``score``/``classifier``) of a classification model, if any."""
+    return {
+        name: getattr(model, name) for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)
+    }
+
+
+def attach_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
+    """Freeze ``model`` and attach a trainable prefix; returns the same model object, now prefix-aware.
+
+    The model keeps behaving as a transformers model (forward, ``generate``, gradient checkpointing) and gains
+    ``model.prefix_encoder``, ``model.prefix_config`` and ``model.save_prefix(dir)``.
+    """
+    if hasattr(model, "prefix_encoder"):
+        raise ValueError("this model already has a prefix attached")
+    if "past_key_values" not in inspect.signature(model.forward).parameters:
+        raise TypeError(
+            f"{type(model).__name__}.forward takes no past_key_values, so it cannot carry a prefix"
+        )
+    kv_shape = kv_shape_from_config(model.config)
+    model.requires_grad_(False)
+    for head in trainable_head(model).values():
+        head.requires_grad_(True)
+
+    device = model.get_input_embeddings().weight.device
+    model.prefix_encoder = PrefixEncoder(config, kv_shape).to(device=device, dtype=torch.float32)
+    model.prefix_config = config
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        # Safe because training forwards get a read-only prefix cache (see ReadOnlyPrefixLayer).
+        layer._can_checkpoint_with_cache = True
+    # A tuple, so nn.Module does not register the layer a second time as a submodule.
+    model._prefix_checkpoint_layers = tuple(layers[:1])
+    model.register_forward_pre_hook(_inject_prefix, with_kwargs=True)
+    model.save_prefix = MethodType(_save_prefix, model)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; bitsandbytes 4-bit weights count as their logical size."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

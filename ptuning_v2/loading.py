@@ -1,0 +1,114 @@
+"""One way in: every entry point (train, evaluate, chat) loads its model and tokenizer here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from .checkpoint import load_prefix
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_dtype(torch_dtype: str | torch.dtype | None) -> torch.dtype:
+    """None means fp32 on CPU (half precision is slow or unsupported there) and bf16 on a GPU that has it."""
+    if isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if torch_dtype is None or torch_dtype == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16 if torch.cuda.is_available() else torch.float32
+    try:
+        return _DTYPES[str(torch_dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown torch_dtype {torch_dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def quantization_config(quantization_bit: int | str | None, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings for a frozen backbone: nf4 for 4-bit, LLM.int8 for 8-bit."""
+    if quantization_bit in (None, "", "none", "None", 16, 32, "16", "32"):
+        return None
+    bits = int(quantization_bit)
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantization_bit must be 4, 8 or none, got {quantization_bit!r}")
+
+
+def _device_map() -> dict[str, Any]:
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+    return {"": "cpu"}
+
+
+def _is_chatglm(path: str) -> bool:
+    if not Path(path).is_dir():
+        return False
+    from .chatglm import is_chatglm_checkpoint
+
+    return is_chatglm_checkpoint(path)
+
+
+def load_model(
+    model_name_or_path: str,
+    ptuning_checkpoint: str | None = None,
+    quantization_bit: int | str | None = None,
+    torch_dtype: str | torch.dtype | None = None,
+    *,
+    model_class: Any = AutoModelForCausalLM,
+    **model_kwargs: Any,
+) -> nn.Module:
+    """Load a (frozen) backbone, optionally quantised, with the prefix from ``ptuning_checkpoint`` attached.
+
+    ``model_name_or_path`` may be a transformers-native directory or a THUDM original-layout ChatGLM2/3 directory
+    (converted in memory to the native ``glm`` model). ``ptuning_checkpoint`` may be ours, official or PEFT.
+    """
+    dtype = resolve_dtype(torch_dtype)
+    quant = quantization_config(quantization_bit, dtype)
+    if _is_chatglm(model_name_or_path):
+        from .chatglm import load_chatglm_as_glm
+
+        model, _ = load_chatglm_as_glm(model_name_or_path, torch_dtype=dtype, quantization_config=quant)
+    else:
+        if not Path(model_name_or_path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise FileNotFoundError(
+                f"model {model_name_or_path!r} is not a local directory (and HF_HUB_OFFLINE=1)"
+            )
+        kwargs: dict[str, Any] = {"dtype": dtype, **model_kwargs}
+        if quant is not None:
+            kwargs.update(quantization_config=quant, device_map=_device_map())
+        model = model_class.from_pretrained(model_name_or_path, **kwargs)
+    if ptuning_checkpoint:
+        load_prefix(model, ptuning_checkpoint)
+    else:
+        model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def load_tokenizer(model_name_or_path: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, left-padded for batched generation; ChatGLM2/3 originals without remote code."""
+    if _is_chatglm(model_name_or_path) and (Path(model_name_or_path) / "tokenizer.model").is_file():
+        from .tokenization import build_chatglm_tokenizer
+
+        tokenizer = build_chatglm_tokenizer(str(Path(model_name_or_path) / "tokenizer.model"))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
