@@ -202,7 +202,10 @@ def attach_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
         head.requires_grad_(True)
 
     device = model.get_input_embeddings().weight.device
-    model.prefix_encoder = PrefixEncoder(config, kv_shape).to(device=device, dtype=torch.float32)
+    encoder = PrefixEncoder(config, kv_shape).to(device=device, dtype=torch.float32)
+    model.prefix_encoder = encoder.train(
+        model.training
+    )  # a new module starts in training mode: follow the model
     model.prefix_config = config
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:

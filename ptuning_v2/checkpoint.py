@@ -231,7 +231,7 @@ def _read_peft(directory: Path) -> PrefixCheckpoint:
     meta = _read_json(directory / "adapter_config.json")
     if meta.get("peft_type") != "PREFIX_TUNING":
         raise ValueError(f"{directory}: a PEFT adapter of type {meta.get('peft_type')!r}, not PREFIX_TUNING")
-    if meta.get("num_transformer_submodules", 1) != 1:
+    if (meta.get("num_transformer_submodules") or 1) != 1:
         raise ValueError(f"{directory}: encoder-decoder PEFT prefixes are not supported")
     if (directory / "adapter_model.safetensors").is_file():
         state = load_file(str(directory / "adapter_model.safetensors"))
@@ -376,6 +376,7 @@ def export_peft_adapter(model: nn.Module, directory: str | Path) -> Path:
         num_attention_heads=shape.num_kv_heads,
         num_layers=shape.num_layers,
         encoder_hidden_size=shape.num_kv_heads * shape.head_dim,
+        num_transformer_submodules=1,
         prefix_projection=False,
         inference_mode=True,
         base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
