@@ -16,6 +16,8 @@ prefix into generate's empty cache on the first step, so the encoder runs once p
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import MethodType
 from typing import Any
@@ -111,7 +113,9 @@ def _real_positions(
     return positions.masked_fill(real_mask == 0, 0)[:, -q_len:]
 
 
-def _inject_prefix(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _inject_prefix(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    if getattr(model, "_prefix_disabled", False):
+        return None
     kwargs = _as_kwargs(model, args, kwargs)
     config: PrefixConfig = model.prefix_config
     pre_seq_len = config.pre_seq_len
@@ -216,6 +220,16 @@ def attach_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
     model.register_forward_pre_hook(_inject_prefix, with_kwargs=True)
     model.save_prefix = MethodType(_save_prefix, model)
     return model
+
+
+@contextmanager
+def prefix_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the bare backbone, e.g. for a before/after comparison, without detaching the prefix."""
+    model._prefix_disabled = True
+    try:
+        yield model
+    finally:
+        model._prefix_disabled = False
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

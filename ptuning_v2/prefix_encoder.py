@@ -122,7 +122,10 @@ class PrefixEncoder(nn.Module):
 
     def table(self) -> torch.Tensor:
         """The prefix table ``(pre_seq_len, kv_size)``, computed once however large the batch."""
-        table = self.embedding.weight
+        # Through the submodules' forward, not `.weight`: DeepSpeed ZeRO-3 gathers partitioned
+        # parameters in module hooks.
+        positions = torch.arange(self.config.pre_seq_len, device=self.embedding.weight.device)
+        table = self.embedding(positions)
         if self.config.prefix_projection:
             table = self.trans(table)
         return table
