@@ -312,3 +312,29 @@ def test_script_prints_the_command_and_passes_flags(workdir):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(workdir, tmp_path, monkeypatch):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from ptuning_v2.train import PrefixTrainer
+
+    original = PrefixTrainer._save_rng_state
+
+    def crash_on_second_save(self, output_dir):
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt("killed while writing checkpoint-2")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(PrefixTrainer, "_save_rng_state", crash_on_second_save)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        main(train_args(workdir, out, "--save_steps", "1", steps=3))
+    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-1")
+    assert not (out / "checkpoint-2").exists()  # the half-written one stays out of sight
+    model = load_model(str(workdir / "model"), ptuning_checkpoint=str(out / "checkpoint-1"))
+    assert torch.isfinite(model.prefix_encoder.embedding.weight).all()
+    # and training resumes from it
+    monkeypatch.setattr(PrefixTrainer, "_save_rng_state", original)
+    main(train_args(workdir, out, "--save_steps", "1", "--resume_from_checkpoint", "true", steps=3))
+    assert (out / "checkpoint-3").is_dir()
