@@ -20,12 +20,15 @@ How the SentencePiece behaviour is reproduced (per special-token-delimited segme
 Known, documented differences from ``sentencepiece`` itself (none occurs in ordinary text):
 
 - the literal strings ``<unk>``, ``<s>``, ``</s>`` and the nine special tokens are read as special tokens
-  (the brief wants them atomic and recognised); ``sop``/``eop`` only as whole words, so ``people`` or
-  ``Aesop`` are untouched;
+  (so they stay atomic and can be written in a prompt); ``sop``/``eop`` only as whole words, so
+  ``people`` or ``Aesop`` are untouched;
 - a literal byte-piece string such as ``<0x41>`` in the text would match that piece, which SentencePiece
   never does;
 - SentencePiece BPE models are converted with merges ranked by piece score; ties may be broken
-  differently from SentencePiece (Unigram models, the ones trained here, are exact);
+  differently from SentencePiece (Unigram models, the ones trained here, are exact, and a BPE model
+  matched SentencePiece on every test string tried);
+- user-defined symbols, if a model has any, are scored like ordinary pieces, whereas SentencePiece always
+  prefers them (the models trained in this repository have none);
 - ``decode(..., skip_special_tokens=False)`` keeps the space that marks a word start right after a special
   token, where ChatGLM3's decoder drops it.
 """
@@ -223,6 +226,11 @@ def chatglm3_message_ids(
     ``sentencepiece.SentencePieceProcessor`` (special ids follow its vocabulary, an encoding independent
     of the fast tokenizer) or a transformers tokenizer built by :func:`build_chatglm_tokenizer`.
     ChatGLM3's extra handling of ``tools`` in system messages is not reproduced.
+
+    :data:`CHATGLM3_CHAT_TEMPLATE` gives exactly these ids, with two documented exceptions: a message
+    whose text contains a special-token string literally (``<|user|>``...) gets that special token from the
+    template but plain pieces here, and a SentencePiece model trained with ``split_by_whitespace=False``
+    could merge the header's newline with the content's leading ``▁``.
     """
     special = _special_ids(tokenizer)
     ids = [special["[gMASK]"], special["sop"]]
