@@ -320,6 +320,16 @@ def tokenize_for_generation(
     )
 
 
+def generation_prompt_ids(
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, max_source_length: int = 1024
+) -> list[int]:
+    """The prompt for the next assistant turn of ``messages``, tokenized exactly as training does it."""
+    kwargs = _tokenize_kwargs(tokenizer, DataConfig(max_source_length=max_source_length))
+    context, _ = _segments([*messages, {"role": "assistant", "content": ""}], tokenizer)
+    ids, _, _ = _encode_prompt(context, tokenizer, max_source_length, kwargs["protected_ids"])
+    return ids
+
+
 def training_collator(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict]:
     """Pad each batch to its longest example: ``pad_token_id`` for inputs, ``-100`` for labels."""
     if tokenizer.pad_token_id is None:

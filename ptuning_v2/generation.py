@@ -45,6 +45,21 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return ids
 
 
+def generate_kwargs(settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """``model.generate`` arguments for these settings; sampling knobs only when sampling."""
+    stops = stop_token_ids(tokenizer)
+    return {
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": settings.do_sample,
+        "top_p": settings.top_p if settings.do_sample else None,
+        "temperature": settings.temperature if settings.do_sample else None,
+        "top_k": None,
+        "num_beams": settings.num_beams,
+        "eos_token_id": stops,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
+    }
+
+
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Index batches of similar length (longest first), so padding and wasted compute stay small."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -63,8 +78,8 @@ def generate_texts(
     was_training = model.training
     model.eval()
     device = model.get_input_embeddings().weight.device
-    stops = stop_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    kwargs = generate_kwargs(settings, tokenizer)
+    stops, pad_id = kwargs["eos_token_id"], kwargs["pad_token_id"]
     if settings.do_sample:
         torch.manual_seed(settings.seed)
     answers: list[str] = [""] * len(prompts)
@@ -79,18 +94,9 @@ def generate_texts(
             prompt = prompts[index]
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
             mask[row, width - len(prompt) :] = 1
-        output = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=settings.do_sample,
-            top_p=settings.top_p if settings.do_sample else None,
-            temperature=settings.temperature if settings.do_sample else None,
-            top_k=None,
-            num_beams=settings.num_beams,
-            eos_token_id=stops,
-            pad_token_id=pad_id,
-        )[:, width:].cpu()
+        output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)[
+            :, width:
+        ].cpu()
         for row, index in enumerate(batch):
             generated = output[row]
             kept = generated[~torch.isin(generated, torch.tensor(stops + [pad_id]))]

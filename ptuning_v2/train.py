@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -67,16 +67,12 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(DataConfig):
+    """The data settings of ``DataConfig`` (columns, lengths, source prefix) plus the run's data options."""
+
     train_file: str | None = None
     validation_file: str | None = None
     test_file: str | None = None
-    prompt_column: str = "content"
-    response_column: str = "summary"
-    history_column: str | None = None
-    max_source_length: int = 64
-    max_target_length: int = 128
-    source_prefix: str = ""
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     max_predict_samples: int | None = None
@@ -351,14 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainable, total = count_parameters(model)
     print(f"trainable {trainable:,} / total {total:,} ({100 * trainable / total:.4f}%)", flush=True)
 
-    data_config = DataConfig(
-        prompt_column=data_args.prompt_column,
-        response_column=data_args.response_column,
-        history_column=data_args.history_column,
-        max_source_length=data_args.max_source_length,
-        max_target_length=data_args.max_target_length,
-        source_prefix=data_args.source_prefix,
-    )
+    data_config = DataConfig(**{f.name: getattr(data_args, f.name) for f in fields(DataConfig)})
     cache_dir = str(output_dir / ".data_cache")
 
     def tokenized(path: str, limit: int | None, for_generation: bool):
