@@ -121,3 +121,20 @@ def test_evaluate_script_end_to_end(prefixed_dir, tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "entity-f1"} <= set(summary)
     assert json.loads((out / "generation_speed.json").read_text())["examples"] == len(TEXTS)
+
+
+def test_chat_answers_a_query_with_the_prefix(prefixed_dir, capsys):
+    from ptuning_v2.chat import main as chat_main
+    from ptuning_v2.data import generation_prompt_ids
+
+    args = ["--model", str(prefixed_dir / "model"), "--checkpoint", str(prefixed_dir / "prefix")]
+    chat_main([*args, "--query", "北京天气怎么样", "--max_new_tokens", "8"])
+    answer = capsys.readouterr().out.strip()
+    # the same answer as batched evaluation gives for the same prompt
+    tokenizer = load_tokenizer(str(prefixed_dir / "model"))
+    model = load_model(str(prefixed_dir / "model"), ptuning_checkpoint=str(prefixed_dir / "prefix"))
+    prompt = generation_prompt_ids([{"role": "user", "content": "北京天气怎么样"}], tokenizer)
+    expected, _ = generate_texts(
+        model, tokenizer, [prompt], GenerationSettings(max_new_tokens=8), progress=False
+    )
+    assert answer == expected[0]
