@@ -68,3 +68,19 @@ def test_tokenizer_round_trip_and_special_tokens(tokenizer) -> None:
         {"role": "user", "content": TEXTS[2]},
     ]
     assert chat_template_ids(tokenizer, messages, True) == chatglm3_message_ids(sp, messages, True)
+
+
+def test_loads_through_load_model_with_a_prefix(tmp_path) -> None:
+    from ptuning_v2 import PrefixConfig, attach_prefix, load_model, load_tokenizer
+
+    model = load_model(str(MODEL_DIR))
+    assert not any(p.requires_grad for p in model.parameters())
+    attach_prefix(model, PrefixConfig(pre_seq_len=4))
+    model.save_prefix(tmp_path)
+    reloaded = load_model(str(MODEL_DIR), ptuning_checkpoint=str(tmp_path))
+    assert reloaded.prefix_encoder.kv_shape.kv_size == 1536  # 6 layers x 2 x 2 kv heads x 64
+    tokenizer = load_tokenizer(str(MODEL_DIR))
+    assert tokenizer.padding_side == "left"
+    ids = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(**ids).logits).all()
