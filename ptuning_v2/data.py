@@ -324,10 +324,11 @@ def generation_prompt_ids(
     messages: list[dict], tokenizer: PreTrainedTokenizerBase, max_source_length: int = 1024
 ) -> list[int]:
     """The prompt for the next assistant turn of ``messages``, tokenized exactly as training does it."""
-    kwargs = _tokenize_kwargs(tokenizer, DataConfig(max_source_length=max_source_length))
-    context, _ = _segments([*messages, {"role": "assistant", "content": ""}], tokenizer)
-    ids, _, _ = _encode_prompt(context, tokenizer, max_source_length, kwargs["protected_ids"])
-    return ids
+    protected_ids = _tokenize_kwargs(tokenizer, DataConfig(max_source_length=max_source_length))[
+        "protected_ids"
+    ]
+    conversation = [*messages, {"role": "assistant", "content": ""}]
+    return _prompt_ids(conversation, tokenizer, max_source_length, protected_ids)
 
 
 def training_collator(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict]:
@@ -406,13 +407,21 @@ def _tokenize_generation_example(
     max_target_length: int,
     protected_ids: list[int],
 ) -> dict:
-    context, _ = _segments(example["messages"], tokenizer)
-    ids, _, _ = _encode_prompt(context, tokenizer, max_source_length, protected_ids)
+    ids = _prompt_ids(example["messages"], tokenizer, max_source_length, protected_ids)
     return {
         "input_ids": ids,
         "attention_mask": [1] * len(ids),
         "label_text": example["messages"][-1]["content"],
     }
+
+
+def _prompt_ids(
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, limit: int, protected_ids: list[int]
+) -> list[int]:
+    """The tokens before the final response of ``messages``, cut to ``limit``."""
+    context, _ = _segments(messages, tokenizer)
+    ids, _, _ = _encode_prompt(context, tokenizer, limit, protected_ids)
+    return ids
 
 
 def _encode_prompt(

@@ -326,8 +326,7 @@ def test_sampling_with_several_return_sequences(kind):
     model = prefixed(kind)
     prompts = [random_ids(1, n, seed=n)[0] for n in (4, 6)]
     ids, mask = left_pad(prompts)
-    torch.manual_seed(0)
-    out = model.generate(
+    sample = dict(
         input_ids=ids,
         attention_mask=mask,
         do_sample=True,
@@ -337,9 +336,9 @@ def test_sampling_with_several_return_sequences(kind):
         max_new_tokens=5,
         eos_token_id=None,
         pad_token_id=PAD,
-        output_logits=True,
-        return_dict_in_generate=True,
     )
+    torch.manual_seed(0)
+    out = model.generate(**sample, output_logits=True, return_dict_in_generate=True)
     assert out.sequences.shape == (6, ids.shape[1] + 5)
     # Every step's logits are what a full recomputation of that exact sequence gives.
     for row in range(6):
@@ -350,17 +349,7 @@ def test_sampling_with_several_return_sequences(kind):
         step_logits = torch.stack([step[row] for step in out.logits])
         assert torch.allclose(step_logits, recomputed, atol=1e-4)
     torch.manual_seed(0)
-    again = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        do_sample=True,
-        top_p=0.7,
-        temperature=0.95,
-        num_return_sequences=3,
-        max_new_tokens=5,
-        eos_token_id=None,
-        pad_token_id=PAD,
-    )
+    again = model.generate(**sample)
     assert torch.equal(again, out.sequences)
 
 
