@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     if training_args.do_train and not data_args.train_file:
         raise ValueError("--do_train needs --train_file")
+    if (training_args.do_eval or data_args.eval_generate_steps) and not data_args.validation_file:
+        raise ValueError("--do_eval and --eval_generate_steps need --validation_file")
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     model = build_model(model_args)

@@ -338,3 +338,8 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(workdir, tmp_path, 
     monkeypatch.setattr(PrefixTrainer, "_save_rng_state", original)
     main(train_args(workdir, out, "--save_steps", "1", "--resume_from_checkpoint", "true", steps=3))
     assert (out / "checkpoint-3").is_dir()
+
+
+def test_evaluation_without_a_validation_file_is_refused(workdir, tmp_path):
+    with pytest.raises(ValueError, match="need --validation_file"):
+        main(train_args(workdir, tmp_path / "out", "--do_eval", steps=1))
