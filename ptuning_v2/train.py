@@ -10,6 +10,7 @@ file may replace the flags. Flow: data -> tokenize -> Trainer(prefix model) -> p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -233,21 +234,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-class _NoGather:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _gathered(params: list[torch.nn.Parameter], deepspeed_enabled: bool):
     """ZeRO-3 partitions even the prefix; gather just it (never the backbone) to save."""
     if deepspeed_enabled:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return _NoGather()
+    return contextlib.nullcontext()
 
 
 def _deepspeed_load_prefix_only(engine, checkpoint_path, load_module_strict=True):
