@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vocab-size", type=int, default=8000, help="SentencePiece pieces (special tokens come on top)"
     )
     g.add_argument("--character-coverage", type=float, default=0.9995)
+    g.add_argument(
+        "--max-piece-length",
+        type=int,
+        default=16,
+        help="1 gives one character per piece (entities stay copyable)",
+    )
     g = p.add_argument_group("model")
     g.add_argument("--hidden-size", type=int, default=256)
     g.add_argument("--layers", type=int, default=6)
@@ -78,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--chat-fraction", type=float, default=0.5, help="share of documents in chat format")
+    g.add_argument(
+        "--copy-fraction",
+        type=float,
+        default=0.0,
+        help="share of chat documents whose assistant turn repeats the user's text or a span of it",
+    )
     g.add_argument("--max-steps", type=int, default=0, help="0: choose from --time-budget-min")
     g.add_argument("--time-budget-min", type=float, default=32.0, help="wall time of the training loop")
     g.add_argument("--calibration-s", type=float, default=60.0, help="measure throughput this long first")
@@ -88,7 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------- tokenizer and documents
 
 
-def train_sentencepiece(train_txt: Path, prefix: Path, vocab_size: int, coverage: float, seed: int) -> Path:
+def train_sentencepiece(
+    train_txt: Path, prefix: Path, vocab_size: int, coverage: float, seed: int, max_piece_length: int = 16
+) -> Path:
     """Unigram SentencePiece, ChatGLM3-like: identity normalisation (full-width punctuation and spaces
     survive a round trip) and byte fallback (no <unk> for rare characters)."""
     spm.set_random_generator_seed(seed)
@@ -102,6 +116,7 @@ def train_sentencepiece(train_txt: Path, prefix: Path, vocab_size: int, coverage
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         max_sentence_length=16384,
+        max_sentencepiece_length=max_piece_length,
         num_threads=1,  # one thread keeps the result independent of scheduling
         minloglevel=2,
     )
@@ -113,7 +128,11 @@ def read_lines(path: Path) -> list[str]:
 
 
 def build_documents(
-    lines: list[str], tokenizer: PreTrainedTokenizerBase, chat_fraction: float, seed: int
+    lines: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    chat_fraction: float,
+    seed: int,
+    copy_fraction: float = 0.0,
 ) -> tuple[list[list[int]], int]:
     """Token ids of every document, and how many are chat-formatted.
 
@@ -125,6 +144,12 @@ def build_documents(
     plans: list[tuple[str, ...]] = []
     for text in lines:
         if len(text) >= 8 and rng.random() < chat_fraction:
+            if rng.random() < copy_fraction:
+                # Copying is a generic skill extraction needs; the span is random, never a task answer.
+                start = rng.randrange(len(text) - 1)
+                span = text if rng.random() < 0.5 else text[start : start + rng.randint(2, 8)]
+                plans.append((text, span))
+                continue
             cut = rng.randint(math.ceil(0.3 * len(text)), math.floor(0.7 * len(text)))
             plans.append((text[:cut], text[cut:]))
         else:
@@ -454,12 +479,13 @@ def main(argv: list[str] | None = None) -> None:
         args.vocab_size,
         args.character_coverage,
         args.seed,
+        args.max_piece_length,
     )
     tokenizer = build_chatglm_tokenizer(sp_model)
 
     train_lines = read_lines(args.data_dir / "train.txt")
     heldout_lines = read_lines(args.data_dir / "heldout.txt")
-    docs, n_chat = build_documents(train_lines, tokenizer, args.chat_fraction, args.seed)
+    docs, n_chat = build_documents(train_lines, tokenizer, args.chat_fraction, args.seed, args.copy_fraction)
     rows = pack(docs, args.seq_len)
     n_tokens = sum(len(d) for d in docs)
     print(
