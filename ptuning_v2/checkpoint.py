@@ -276,6 +276,13 @@ def load_prefix_checkpoint(path: str | Path) -> PrefixCheckpoint:
 # ---------------------------------------------------------------- loading into a model
 
 
+def _fits(checkpoint: PrefixCheckpoint, kv_shape: KVShape) -> bool:
+    """Whether the checkpoint's table has this model's kv layout (the geometry too, when the checkpoint records it)."""
+    if checkpoint.kv_size != kv_shape.kv_size:
+        return False
+    return checkpoint.kv_shape is None or checkpoint.kv_shape.geometry == kv_shape.geometry
+
+
 def _mismatch(checkpoint: PrefixCheckpoint, model: nn.Module) -> str | None:
     encoder: PrefixEncoder = model.prefix_encoder
     expected = encoder.kv_shape
@@ -284,9 +291,7 @@ def _mismatch(checkpoint: PrefixCheckpoint, model: nn.Module) -> str | None:
         problems.append("pre_seq_len")
     if checkpoint.config.prefix_projection != encoder.config.prefix_projection:
         problems.append("prefix_projection")
-    if checkpoint.kv_size != expected.kv_size or (
-        checkpoint.kv_shape is not None and checkpoint.kv_shape.geometry != expected.geometry
-    ):
+    if not _fits(checkpoint, expected):
         problems.append("kv shape")
     if not problems and checkpoint.config.prefix_projection:
         if checkpoint._hidden_size() != encoder.trans[0].out_features:
@@ -397,7 +402,8 @@ def load_prefix(model: nn.Module, path: str | Path) -> nn.Module:
 
     checkpoint = load_prefix_checkpoint(path)
     model_shape = kv_shape_from_config(model.config)
-    if checkpoint.kv_size != model_shape.kv_size:
+    # Checked before attaching, so a checkpoint that does not fit leaves the model untouched.
+    if not _fits(checkpoint, model_shape):
         raise ValueError(
             f"prefix checkpoint {checkpoint.path} does not fit this model: checkpoint has {checkpoint.describe()}; "
             f"model expects {model_shape.describe()}"

@@ -425,6 +425,16 @@ def test_mismatched_checkpoint_names_every_field(tmp_path):
     assert "model expects pre_seq_len=8, prefix_projection=False" in str(err.value)
 
 
+def test_same_kv_size_other_layout_is_refused_before_attaching(tmp_path):
+    prefixed("glm").save_prefix(tmp_path)  # 2 layers x 2 kv heads x 8 dims
+    other = tiny_model("llama_mqa", head_dim=16)  # 2 layers x 1 kv head x 16 dims: same kv_size 64
+    assert kv_shape_from_config(other.config).kv_size == 64
+    with pytest.raises(ValueError, match="num_kv_heads=1, head_dim=16"):
+        load_prefix(other, tmp_path)
+    assert not hasattr(other, "prefix_encoder")
+    assert all(p.requires_grad for p in other.parameters())
+
+
 def test_missing_or_foreign_directories(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_prefix_checkpoint(tmp_path / "nope")
