@@ -79,7 +79,7 @@ def generate_texts(
     model.eval()
     device = model.get_input_embeddings().weight.device
     kwargs = generate_kwargs(settings, tokenizer)
-    stops, pad_id = kwargs["eos_token_id"], kwargs["pad_token_id"]
+    dropped = torch.tensor([*kwargs["eos_token_id"], kwargs["pad_token_id"]])
     if settings.do_sample:
         torch.manual_seed(settings.seed)
     answers: list[str] = [""] * len(prompts)
@@ -87,19 +87,14 @@ def generate_texts(
     start = time.perf_counter()
     bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress)
     for batch in _batches([len(p) for p in prompts], settings.batch_size):
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, index in enumerate(batch):
-            prompt = prompts[index]
-            ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            mask[row, width - len(prompt) :] = 1
-        output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)[
-            :, width:
-        ].cpu()
+        padded = tokenizer.pad(
+            {"input_ids": [prompts[i] for i in batch]}, padding_side="left", return_tensors="pt"
+        ).to(device)
+        width = padded["input_ids"].shape[1]
+        output = model.generate(**padded, **kwargs)[:, width:].cpu()
         for row, index in enumerate(batch):
             generated = output[row]
-            kept = generated[~torch.isin(generated, torch.tensor(stops + [pad_id]))]
+            kept = generated[~torch.isin(generated, dropped)]
             new_tokens += int(kept.numel())
             answers[index] = tokenizer.decode(kept, skip_special_tokens=True).strip()
         elapsed = max(time.perf_counter() - start, 1e-9)
