@@ -199,7 +199,7 @@ class PrefixTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = run_dir
-        _barrier()
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
             if os.path.exists(final):
                 shutil.rmtree(final)
@@ -211,7 +211,7 @@ class PrefixTrainer(Trainer):
                 best_model_checkpoint=self.state.best_model_checkpoint,
                 use_mtime=False,
             )
-        _barrier()
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
@@ -227,11 +227,6 @@ class PrefixTrainer(Trainer):
         if bad.item() > 0:
             self._stop(f"the loss is {loss.item()} (before the optimizer step {self.state.global_step + 1})")
         return loss
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _gathered(params: list[torch.nn.Parameter], deepspeed_enabled: bool):
