@@ -41,10 +41,9 @@ def quantization_config(quantization_bit: int | str | None, dtype: torch.dtype) 
     """bitsandbytes settings for a frozen backbone: nf4 for 4-bit, LLM.int8 for 8-bit."""
     if quantization_bit in (None, "", "none", "None", 16, 32, "16", "32"):
         return None
-    bits = int(quantization_bit)
-    if bits == 4:
+    if str(quantization_bit) == "4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    if bits == 8:
+    if str(quantization_bit) == "8":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"quantization_bit must be 4, 8 or none, got {quantization_bit!r}")
 
