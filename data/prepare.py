@@ -375,6 +375,12 @@ def prepare(
     counts["dropped/pretrain_containing_eval_text"] = len(raw) - len(pretrain)
     heldout = sorted({x.text for x in ner["dev"] + seg["dev"]} | {t for t, _ in sentiment["dev"]})
     counts["pretrain/train"] = write_lines(out_dir / "pretrain" / "train.txt", pretrain)
+    # The same People's Daily sentences with their segmentation and POS tags, for the backbone's generic
+    # word-listing chats (scripts/pretrain_tiny.py); entity tags are dropped there, never used.
+    tagged = [sentences[t] for t in pretrain if t in sentences]
+    counts["pretrain/train_tagged"] = write_jsonl(
+        out_dir / "pretrain" / "train_tagged.json", ({"words": x.words, "tags": x.tags} for x in tagged)
+    )
     counts["pretrain/heldout"] = write_lines(out_dir / "pretrain" / "heldout.txt", by_hash(seed, heldout))
     counts["pretrain/train_chars"] = sum(len(t) for t in pretrain)
     return counts

@@ -36,7 +36,7 @@ import jieba
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
 
-from ptuning_v2.tasks import NER_TYPES, SENTIMENT_LABELS, parse_entities
+from ptuning_v2.tasks import NER_TYPES, NO_ENTITY, SENTIMENT_LABELS, parse_entities
 
 # jieba logs a dictionary-loading banner on first use; keep CLI and training logs clean.
 jieba.setLogLevel(logging.WARNING)
@@ -127,9 +127,15 @@ def accuracy(predictions: list[str], labels: list[str]) -> float:
 
 
 def _is_ner_answer(text: str) -> bool:
-    # The format always lists all three types in a fixed order, so compare the sequence of type names.
-    parts = [part.partition("：") for part in text.strip().split("；")]
-    return all(sep for _, sep, _ in parts) and tuple(name for name, _, _ in parts) == NER_TYPES
+    # ``无``, or ``类型：实体、…`` parts whose types appear in the fixed order, each at most once.
+    text = text.strip()
+    if text == NO_ENTITY:
+        return True
+    parts = [part.partition("：") for part in text.split("；")]
+    if not all(sep and values for _, sep, values in parts):
+        return False
+    names = [name for name, _, _ in parts]
+    return all(name in NER_TYPES for name in names) and names == sorted(set(names), key=NER_TYPES.index)
 
 
 def detect_task(labels: list[str]) -> str | None:
@@ -138,7 +144,7 @@ def detect_task(labels: list[str]) -> str | None:
         return None
     if all(label.strip() in SENTIMENT_LABELS for label in labels):
         return "sentiment"
-    if all(_is_ner_answer(label) for label in labels):
+    if all(_is_ner_answer(label) for label in labels) and any(label.strip() != NO_ENTITY for label in labels):
         return "ner"
     return None
 

@@ -1,12 +1,16 @@
 """Answer formats of the bundled tasks, shared by data preparation and evaluation.
 
-NER answers list entities grouped by type, always in the same order and always with all three types:
+NER answers list the entities found, grouped by type, types always in the same order:
 
-    人名：江泽民、李鹏；地名：北京；机构名：无
+    人名：江泽民、李鹏；地名：北京
 
 - types, in this order: 人名 (person, tag ``nr``), 地名 (place, ``ns``), 机构名 (organisation, ``nt``);
 - ``类型：`` then the entities joined by ``、`` in order of first appearance, duplicates removed;
-- ``无`` when a type has no entity; parts joined by ``；`` (all full-width punctuation).
+- a type with no entity is left out; parts joined by ``；`` (all full-width punctuation);
+- the whole answer is ``无`` when the sentence has no entity.
+
+Listing only the types present (rather than ``人名：无`` for each absent one) keeps the answer short and
+makes every ``类型：`` promise an entity, so a model cannot score format tokens by answering ``无`` everywhere.
 
 Sentiment answers are exactly ``正面`` or ``负面``.
 """
@@ -24,8 +28,9 @@ def format_entities(entities: dict[str, list[str]]) -> str:
     parts = []
     for entity_type in NER_TYPES:
         unique = list(dict.fromkeys(entities.get(entity_type, [])))
-        parts.append(f"{entity_type}：{'、'.join(unique) if unique else NO_ENTITY}")
-    return "；".join(parts)
+        if unique:
+            parts.append(f"{entity_type}：{'、'.join(unique)}")
+    return "；".join(parts) or NO_ENTITY
 
 
 def parse_entities(answer: str) -> set[tuple[str, str]]:

@@ -61,6 +61,10 @@ def test_tokenizer_round_trip_and_special_tokens(tokenizer) -> None:
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
     for token in CHATGLM_SPECIAL_TOKENS:
         assert tokenizer.tokenize(token) == [token]
+    # One piece per character, so an entity is always a run of whole tokens that the model can copy.
+    assert [t for t in tokenizer.tokenize(TEXTS[0]) if t != "▁"] == list(
+        TEXTS[0]
+    )  # ▁: SentencePiece's word start
     messages = [
         {"role": "system", "content": "你是一个助手。"},
         {"role": "user", "content": TEXTS[0]},
@@ -78,7 +82,11 @@ def test_loads_through_load_model_with_a_prefix(tmp_path) -> None:
     attach_prefix(model, PrefixConfig(pre_seq_len=4))
     model.save_prefix(tmp_path)
     reloaded = load_model(str(MODEL_DIR), ptuning_checkpoint=str(tmp_path))
-    assert reloaded.prefix_encoder.kv_shape.kv_size == 1536  # 6 layers x 2 x 2 kv heads x 64
+    cfg = reloaded.config
+    assert (
+        reloaded.prefix_encoder.kv_shape.kv_size
+        == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim
+    )
     tokenizer = load_tokenizer(str(MODEL_DIR))
     assert tokenizer.padding_side == "left"
     ids = tokenizer(TEXTS, padding=True, return_tensors="pt")

@@ -114,7 +114,12 @@ def test_detect_task():
     assert detect_task(["正面", " 负面 "]) == "sentiment"
     assert detect_task([ner, format_entities({})]) == "ner"
     assert detect_task([ner, "正面"]) is None
-    assert detect_task(["人名：江泽民；地名：北京"]) is None  # missing 机构名
+    assert detect_task(["人名：江泽民；地名：北京", "机构名：新华社"]) == "ner"
+    assert detect_task(["地名：北京；人名：江泽民"]) is None  # types out of order
+    assert detect_task(["人名：江泽民；人名：李鹏"]) is None  # a type twice
+    assert detect_task(["人名："]) is None  # a type without an entity
+    assert detect_task(["人名：江泽民；职位：主席"]) is None
+    assert detect_task(["无", "无"]) is None  # nothing shows it is NER
     assert detect_task([SENTENCE]) is None
     assert detect_task([]) is None
 

@@ -199,3 +199,12 @@ def test_sizes_are_capped_and_exact(tmp_path: Path, excerpt) -> None:
     assert [counts[f"ner/{s}"] for s in SPLITS] == [40, 6, 8]
     assert [counts[f"seg/{s}"] for s in SPLITS] == [30, 5, 7]
     assert [counts[f"sentiment/{s}"] for s in SPLITS] == [20, 4, 6]
+
+
+def test_tagged_pretraining_sentences_match_the_text(out: Path) -> None:
+    train_lines = set((out / "pretrain" / "train.txt").read_text(encoding="utf-8").splitlines())
+    rows = _jsonl(out / "pretrain" / "train_tagged.json")
+    assert len(rows) > 50
+    for row in rows:
+        assert len(row["words"]) == len(row["tags"])
+        assert "".join(row["words"]) in train_lines  # only sentences that are pretraining text already

@@ -1,0 +1,92 @@
+"""Document building of scripts/pretrain_tiny.py (the training loop itself runs in the model card's run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from ptuning_v2.tasks import NER_TAG_TO_TYPE, NER_TYPES
+from ptuning_v2.tokenization import build_chatglm_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("pretrain_tiny", REPO / "scripts" / "pretrain_tiny.py")
+pretrain = importlib.util.module_from_spec(_spec)
+sys.modules["pretrain_tiny"] = pretrain
+_spec.loader.exec_module(pretrain)
+
+WORDS = ["江", "泽民", "在", "北京", "会见", "了", "新华社", "记者", "。"]
+TAGS = ["nr", "nr", "p", "ns", "v", "u", "nt", "n", "w"]
+
+
+def test_listing_chat_never_asks_for_entities() -> None:
+    entity_tags = set(NER_TAG_TO_TYPE) | {"nz", "j", "nx"}
+    for tags in pretrain.LISTING_CLASSES.values():
+        assert not tags & entity_tags
+    rng = random.Random(0)
+    for _ in range(200):
+        user, reply = pretrain.listing_chat(WORDS, TAGS, rng)
+        assert user.endswith("".join(WORDS))
+        for entity_type in NER_TYPES:
+            assert entity_type not in user and entity_type not in reply
+        for name in ("江", "泽民", "北京", "新华社"):
+            assert name not in reply
+
+
+def test_listing_chat_answers_from_the_tags() -> None:
+    rng = random.Random(3)
+    seen = set()
+    for _ in range(300):
+        user, reply = pretrain.listing_chat(WORDS, TAGS, rng)
+        asked = user.removeprefix("列出这句话里的").split("：")[0].split("、")
+        expected = {}
+        for name in asked:
+            words = [w for w, t in zip(WORDS, TAGS) if t in pretrain.LISTING_CLASSES[name]]
+            if words:
+                expected[name] = "、".join(words)
+        if not expected:
+            assert reply == "无"
+            continue
+        assert dict(part.split("：") for part in reply.split("；")) == expected
+        assert [part.split("：")[0] for part in reply.split("；")] == [n for n in asked if n in expected]
+        seen.update(asked)
+    assert {"名词", "动词", "介词", "助词"} <= seen
+
+
+def test_copy_chats_repeat_the_text(tmp_path: Path) -> None:
+    lines = ["他们到闹市区去狂欢，在市中心数新年钟声的敲响。", "这本书的内容很丰富，推荐购买！"] * 20
+    tokenizer = _char_tokenizer(lines, tmp_path)
+    docs, n_chat, n_copy = pretrain.build_documents(lines, tokenizer, 1.0, seed=0, copy_fraction=0.5)
+    assert n_chat == len(lines) and 0 < n_copy < n_chat
+    assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+    copies = 0
+    for doc in docs:
+        user = tokenizer.decode(doc[: doc.index(assistant)], skip_special_tokens=True).strip()
+        reply = tokenizer.decode(doc[doc.index(assistant) + 1 :], skip_special_tokens=True).strip()
+        if user.startswith(pretrain.COPY_INSTRUCTION):
+            assert user == pretrain.COPY_INSTRUCTION + reply
+            copies += 1
+        else:
+            assert user + reply in lines  # a continuation chat: the text cut in two
+    assert copies == n_copy
+
+
+def _char_tokenizer(lines: list[str], work: Path):
+    (work / "text.txt").write_text("\n".join(lines + [pretrain.COPY_INSTRUCTION]) + "\n", encoding="utf-8")
+    chars = set("".join(lines) + pretrain.COPY_INSTRUCTION + "\n")
+    # one piece per character: the vocabulary is the characters, the 256 fallback bytes and 3 specials
+    vocab = len(chars) + 256 + 3
+    model = pretrain.train_sentencepiece(work / "text.txt", work / "sp", vocab, 1.0, 0, max_piece_length=1)
+    return build_chatglm_tokenizer(model)
+
+
+def test_read_tagged_names_the_bad_line(tmp_path: Path) -> None:
+    path = tmp_path / "train_tagged.json"
+    good = json.dumps({"words": ["a", "b"], "tags": ["n", "v"]})
+    path.write_text(good + "\n" + json.dumps({"words": ["a"], "tags": ["n", "v"]}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"train_tagged.json:2: 1 words but 2 tags"):
+        pretrain.read_tagged(path)
