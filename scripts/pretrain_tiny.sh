@@ -36,7 +36,7 @@ MAX_STEPS=${MAX_STEPS:-1000}                # 0: fit the steps to TIME_BUDGET_MI
 TIME_BUDGET_MIN=${TIME_BUDGET_MIN:-32}      # training loop; tokenizer, data and evaluation add ~3 min
 CALIBRATION_S=${CALIBRATION_S:-60}
 
-if [[ ! -s data/pretrain/train.txt || ! -s data/pretrain/heldout.txt ]]; then
+if [[ ! -s data/pretrain/train.txt || ! -s data/pretrain/heldout.txt || ! -s data/pretrain/train_tagged.json ]]; then
   python data/prepare.py --out data --seed "$SEED"
 fi
 
