@@ -145,10 +145,9 @@ def build_documents(
 ) -> tuple[list[list[int]], int, int]:
     """Token ids of every document, how many are chat-formatted, and how many of those are copy chats.
 
-    Chat documents are ``[gMASK] sop <|user|> enc("\\n") enc(head) <|assistant|> enc("\\n") enc(tail) </s>``:
-    the ChatGLM3 encoding of a two-turn conversation, with a random cut (30-70% of the characters) of one
-    raw text, or (``copy_fraction`` of the chats) ``复述这句话：<text>`` answered by the text itself. No task
-    instruction, no task answer.
+    Plain documents are ``[gMASK] sop <text> </s>``; chat documents (:func:`encode_chats`) put a random cut
+    (30-70% of the characters) of one raw text in the user and the assistant turn, or (``copy_fraction`` of
+    the chats) ask ``复述这句话：<text>`` and answer with the text itself. No task instruction, no task answer.
     """
     rng = random.Random(seed)
     plans: list[tuple[str, ...]] = []
@@ -162,32 +161,13 @@ def build_documents(
             plans.append((text[:cut], text[cut:]))
         else:
             plans.append((text,))
-    pieces = sorted({part for plan in plans for part in plan} | {"\n"})
-    encoded = dict(zip(pieces, tokenizer(pieces, add_special_tokens=False).input_ids))
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("[gMASK]", "sop", "<|user|>", "<|assistant|>")}
-    eos, newline = tokenizer.eos_token_id, encoded["\n"]
-    docs = []
-    for plan in plans:
-        doc = [ids["[gMASK]"], ids["sop"]]
-        if len(plan) == 1:
-            doc += encoded[plan[0]]
-        else:
-            doc += [
-                ids["<|user|>"],
-                *newline,
-                *encoded[plan[0]],
-                ids["<|assistant|>"],
-                *newline,
-                *encoded[plan[1]],
-            ]
-        docs.append(doc + [eos])
+    chat_docs = iter(encode_chats([plan for plan in plans if len(plan) == 2], tokenizer))
+    texts = sorted({plan[0] for plan in plans if len(plan) == 1})
+    encoded = dict(zip(texts, tokenizer(texts, add_special_tokens=False).input_ids)) if texts else {}
+    head, eos = tokenizer.convert_tokens_to_ids(["[gMASK]", "sop"]), tokenizer.eos_token_id
+    docs = [[*head, *encoded[plan[0]], eos] if len(plan) == 1 else next(chat_docs) for plan in plans]
     n_chat = sum(len(plan) == 2 for plan in plans)
     n_copy = sum(len(plan) == 2 and plan[0] == COPY_INSTRUCTION + plan[1] for plan in plans)
-    # The fast path above must agree with the reference chat encoder.
-    for plan, doc in list(zip(plans, docs))[:200]:
-        if len(plan) == 2:
-            messages = [{"role": "user", "content": plan[0]}, {"role": "assistant", "content": plan[1]}]
-            assert doc == chatglm3_message_ids(tokenizer, messages) + [eos]
     return docs, n_chat, n_copy
 
 
@@ -240,7 +220,8 @@ def read_tagged(path: Path) -> list[tuple[list[str], list[str]]]:
 
 
 def encode_chats(chats: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """``[gMASK] sop <|user|> \n user <|assistant|> \n reply </s>`` for each (user, reply) pair."""
+    """``[gMASK] sop <|user|> enc("\\n") enc(user) <|assistant|> enc("\\n") enc(reply) </s>`` for each
+    (user, reply) pair: the ChatGLM3 encoding of a two-turn conversation."""
     pieces = sorted({part for chat in chats for part in chat} | {"\n"})
     encoded = dict(zip(pieces, tokenizer(pieces, add_special_tokens=False).input_ids))
     head = tokenizer.convert_tokens_to_ids(["[gMASK]", "sop", "<|user|>"])
@@ -250,7 +231,8 @@ def encode_chats(chats: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBas
         [*head, *newline, *encoded[user], assistant, *newline, *encoded[reply], tokenizer.eos_token_id]
         for user, reply in chats
     ]
-    for (user, reply), doc in list(zip(chats, docs))[:50]:
+    # The fast path above must agree with the reference chat encoder.
+    for (user, reply), doc in list(zip(chats, docs))[:200]:
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
         assert doc == chatglm3_message_ids(tokenizer, messages) + [tokenizer.eos_token_id]
     return docs
