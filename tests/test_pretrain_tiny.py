@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import char_tokenizer
 
 from ptuning_v2.tasks import NER_TAG_TO_TYPE, NER_TYPES
-from ptuning_v2.tokenization import build_chatglm_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("pretrain_tiny", REPO / "scripts" / "pretrain_tiny.py")
@@ -57,9 +57,9 @@ def test_listing_chat_answers_from_the_tags() -> None:
     assert {"名词", "动词", "介词", "助词"} <= seen
 
 
-def test_copy_chats_repeat_the_text(tmp_path: Path) -> None:
+def test_copy_chats_repeat_the_text() -> None:
     lines = ["他们到闹市区去狂欢，在市中心数新年钟声的敲响。", "这本书的内容很丰富，推荐购买！"] * 20
-    tokenizer = _char_tokenizer(lines, tmp_path)
+    tokenizer = char_tokenizer(lines + [pretrain.COPY_INSTRUCTION])
     docs, n_chat, n_copy = pretrain.build_documents(lines, tokenizer, 1.0, seed=0, copy_fraction=0.5)
     assert n_chat == len(lines) and 0 < n_copy < n_chat
     assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
@@ -73,15 +73,6 @@ def test_copy_chats_repeat_the_text(tmp_path: Path) -> None:
         else:
             assert user + reply in lines  # a continuation chat: the text cut in two
     assert copies == n_copy
-
-
-def _char_tokenizer(lines: list[str], work: Path):
-    (work / "text.txt").write_text("\n".join(lines + [pretrain.COPY_INSTRUCTION]) + "\n", encoding="utf-8")
-    chars = set("".join(lines) + pretrain.COPY_INSTRUCTION + "\n")
-    # one piece per character: the vocabulary is the characters, the 256 fallback bytes and 3 specials
-    vocab = len(chars) + 256 + 3
-    model = pretrain.train_sentencepiece(work / "text.txt", work / "sp", vocab, 1.0, 0, max_piece_length=1)
-    return build_chatglm_tokenizer(model)
 
 
 def test_read_tagged_names_the_bad_line(tmp_path: Path) -> None:
