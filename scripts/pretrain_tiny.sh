@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pretrain the embedded tiny backbone models/glm-zh-tiny from scratch on CPU (about 40 minutes on 2 cores).
+# Pretrain the embedded tiny backbone models/glm-zh-tiny from scratch on CPU (about 70 minutes on 2 cores).
 #   bash scripts/pretrain_tiny.sh                  # every setting below; KEY=value in the env overrides it
 #   MAX_STEPS=0 bash scripts/pretrain_tiny.sh      # fit the step count to TIME_BUDGET_MIN instead
 # Extra arguments go to scripts/pretrain_tiny.py unchanged.
@@ -22,8 +22,8 @@ KV_HEADS=${KV_HEADS:-2}
 HEAD_DIM=${HEAD_DIM:-64}
 INTERMEDIATE_SIZE=${INTERMEDIATE_SIZE:-704}
 # training
-SEQ_LEN=${SEQ_LEN:-128}                     # packed fixed-length rows
-BATCH_SIZE=${BATCH_SIZE:-32}
+SEQ_LEN=${SEQ_LEN:-256}                     # rows of whole documents, padded at the end
+BATCH_SIZE=${BATCH_SIZE:-16}
 LR=${LR:-2e-3}
 MIN_LR_RATIO=${MIN_LR_RATIO:-0.1}           # cosine decay floor
 WARMUP_STEPS=${WARMUP_STEPS:-40}
@@ -32,7 +32,7 @@ GRAD_CLIP=${GRAD_CLIP:-1.0}
 CHAT_FRACTION=${CHAT_FRACTION:-0.6}         # share of documents shown as a <|user|>/<|assistant|> exchange
 COPY_FRACTION=${COPY_FRACTION:-0.6}         # share of those chats that ask to repeat the text
 LISTING_FRACTION=${LISTING_FRACTION:-1.0}   # share of tagged sentences also shown as a word-listing chat
-MAX_STEPS=${MAX_STEPS:-1000}                # 0: fit the steps to TIME_BUDGET_MIN at the measured speed
+MAX_STEPS=${MAX_STEPS:-1800}                # 0: fit the steps to TIME_BUDGET_MIN at the measured speed
 TIME_BUDGET_MIN=${TIME_BUDGET_MIN:-32}      # training loop; tokenizer, data and evaluation add ~3 min
 CALIBRATION_S=${CALIBRATION_S:-60}
 

@@ -81,3 +81,17 @@ def test_read_tagged_names_the_bad_line(tmp_path: Path) -> None:
     path.write_text(good + "\n" + json.dumps({"words": ["a"], "tags": ["n", "v"]}) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"train_tagged.json:2: 1 words but 2 tags"):
         pretrain.read_tagged(path)
+
+
+def test_pack_keeps_documents_whole() -> None:
+    rng = random.Random(0)
+    docs = [[rng.randint(1, 99) for _ in range(rng.randint(1, 30))] for _ in range(200)]
+    docs.append(list(range(1, 71)))  # longer than a row: the only kind that is split
+    rows = pretrain.pack(docs, seq_len=32, pad_id=0).tolist()
+    assert all(len(row) == 32 for row in rows)
+    real = [[t for t in row if t != 0] for row in rows]
+    assert all(row[len(r) :] == [0] * (32 - len(r)) for row, r in zip(rows, real))  # padding only at the end
+    assert sorted(t for r in real for t in r) == sorted(t for d in docs for t in d)  # nothing lost
+    streams = ["," + ",".join(map(str, r)) + "," for r in real]
+    for doc in docs[:-1]:  # each short document lies whole in one row
+        assert any("," + ",".join(map(str, doc)) + "," in s for s in streams)
