@@ -8,7 +8,8 @@
    ChatGLM3 chat where the user turn holds the first part of the text and the assistant turn the rest, or
    (``--copy-fraction`` of the chats) asks to repeat the text; ``--listing-fraction`` of the POS-tagged
    sentences also become word-listing chats (generic word classes, never entities);
-3. packs the documents into fixed-length sequences and trains a randomly initialised ``GlmForCausalLM``
+3. packs whole documents into fixed-length rows (padded, see :func:`pack`) and trains a randomly initialised
+   ``GlmForCausalLM``
    (AdamW, linear warmup then cosine decay, gradient clipping, fixed seed);
 4. measures held-out perplexity (``data/pretrain/heldout.txt``) against an add-one unigram baseline and
    writes the model, tokenizer, metrics JSON and model card to a temporary directory that then replaces
@@ -79,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--tie-word-embeddings", action=argparse.BooleanOptionalAction, default=True)
     g = p.add_argument_group("training")
     g.add_argument("--seq-len", type=int, default=256)
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--lr", type=float, default=1.5e-3)
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
     g.add_argument("--warmup-steps", type=int, default=30)
