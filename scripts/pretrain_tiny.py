@@ -9,8 +9,7 @@
    (``--copy-fraction`` of the chats) asks to repeat the text; ``--listing-fraction`` of the POS-tagged
    sentences also become word-listing chats (generic word classes, never entities);
 3. packs whole documents into fixed-length rows (padded, see :func:`pack`) and trains a randomly initialised
-   ``GlmForCausalLM``
-   (AdamW, linear warmup then cosine decay, gradient clipping, fixed seed);
+   ``GlmForCausalLM`` (AdamW, linear warmup then cosine decay, gradient clipping, fixed seed);
 4. measures held-out perplexity (``data/pretrain/heldout.txt``) against an add-one unigram baseline and
    writes the model, tokenizer, metrics JSON and model card to a temporary directory that then replaces
    ``--out``.
