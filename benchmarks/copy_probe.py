@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from report import write_report  # noqa: E402
 
 from ptuning_v2.data import generation_prompt_ids  # noqa: E402
 from ptuning_v2.generation import GenerationSettings, generate_texts  # noqa: E402
 from ptuning_v2.loading import load_model, load_tokenizer  # noqa: E402
 
-COPY_INSTRUCTION = "复述这句话："  # as in scripts/pretrain_tiny.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from pretrain_tiny import COPY_INSTRUCTION  # noqa: E402  (the copy chat the backbone was pretrained on)
 
 
 def parse_args() -> argparse.Namespace:
@@ -88,17 +87,8 @@ def main() -> None:
         table.append(
             f"| `{row['model']}` | {row['exact_copies']}/{row['sentences']} | {row['mean_copied_share']:.1%} |"
         )
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-    text = (
-        "\n".join(table)
-        + f"\n\n{time.strftime('%Y-%m-%d')}, {machine}, greedy; the first {len(sentences)} sentences of "
-        f"{args.sentences_file}, at most {args.max_chars} characters\n"
-    )
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    settings = f"greedy; the first {len(sentences)} sentences of {args.sentences_file}, at most {args.max_chars} characters"
+    write_report(args.out, table, settings, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

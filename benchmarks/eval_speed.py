@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from report import write_report  # noqa: E402
 
 from ptuning_v2.data import DataConfig, load_conversations, tokenize_for_generation  # noqa: E402
 from ptuning_v2.generation import GenerationSettings, generate_texts  # noqa: E402
@@ -64,16 +62,9 @@ def main() -> None:
             f"{row['new_tokens_per_second']:.1f} | {base / row['seconds']:.1f}x | "
             f"{row['identical_to_first']}/{row['examples']} |"
         )
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-    text = (
-        "\n".join(table)
-        + f"\n\n{time.strftime('%Y-%m-%d')}, {machine}, greedy, max_new_tokens={args.max_new_tokens}\n"
+    write_report(
+        args.out, table, f"greedy, max_new_tokens={args.max_new_tokens}", {"args": vars(args), "rows": rows}
     )
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

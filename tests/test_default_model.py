@@ -61,10 +61,9 @@ def test_tokenizer_round_trip_and_special_tokens(tokenizer) -> None:
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
     for token in CHATGLM_SPECIAL_TOKENS:
         assert tokenizer.tokenize(token) == [token]
-    # One piece per character, so an entity is always a run of whole tokens that the model can copy.
-    assert [t for t in tokenizer.tokenize(TEXTS[0]) if t != "▁"] == list(
-        TEXTS[0]
-    )  # ▁: SentencePiece's word start
+    # One piece per character, so an entity is always a run of whole tokens that the model can copy
+    # (``▁`` is SentencePiece's word start).
+    assert [t for t in tokenizer.tokenize(TEXTS[0]) if t != "▁"] == list(TEXTS[0])
     messages = [
         {"role": "system", "content": "你是一个助手。"},
         {"role": "user", "content": TEXTS[0]},
