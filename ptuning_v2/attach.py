@@ -4,8 +4,9 @@ The model object stays what it was (a ``GlmForCausalLM``, ``Qwen2ForCausalLM``, 
 so ``forward``, ``generate``, the Trainer and DeepSpeed all see an ordinary transformers model. A forward pre-hook
 rewrites each call:
 
-- ``past_key_values``: the prefix as a transformers ``Cache`` (tuples are refused by transformers 5), in the
-  model's compute dtype while the encoder stays fp32;
+- the cache (``cache`` from transformers 5.24, ``past_key_values`` before; see ``compat``): the prefix as a
+  transformers ``Cache`` (tuples are refused by transformers 5), in the model's compute dtype while the encoder
+  stays fp32;
 - ``attention_mask``: ``pre_seq_len`` ones prepended (without them the logits change silently);
 - ``position_ids``: real tokens count from 0, left padding skipped (ChatGLM), or from ``pre_seq_len`` (PEFT).
 
@@ -27,6 +28,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .compat import cache_argument, pop_cache
 from .prefix_encoder import PrefixConfig, PrefixEncoder, kv_shape_from_config
 
 # Set on a Cache once it holds the prefix; its value is the prefix length.
@@ -128,7 +130,7 @@ def _inject_prefix(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, 
     if model.training:
         _check_checkpointing(model)
 
-    cache = kwargs.get("past_key_values")
+    cache = pop_cache(kwargs)
     past_real = 0
     if cache is None:
         if kwargs.get("use_cache") and not model.training:
@@ -136,17 +138,17 @@ def _inject_prefix(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, 
         else:
             cache = _read_only_cache(model, batch)
     elif not isinstance(cache, Cache):
-        raise TypeError(f"past_key_values must be a transformers Cache, got {type(cache).__name__}")
+        raise TypeError(f"the cache must be a transformers Cache, got {type(cache).__name__}")
     elif getattr(cache, _PREFIX_MARK, None) == pre_seq_len:
         past_real = cache.get_seq_length() - pre_seq_len
     elif cache.get_seq_length() == 0:
         cache = _fill_cache(model, cache, batch)  # generate's fresh cache: first step
     else:
         raise ValueError(
-            "past_key_values holds states that were not computed with this prefix; pass None (or a cache returned "
+            "the cache holds states that were not computed with this prefix; pass None (or a cache returned "
             "by this model) so the prefix can be placed first"
         )
-    kwargs["past_key_values"] = cache
+    kwargs[model._prefix_cache_argument] = cache
 
     mask = kwargs.get("attention_mask")
     real_mask = None
@@ -196,9 +198,11 @@ def attach_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
     """
     if hasattr(model, "prefix_encoder"):
         raise ValueError("this model already has a prefix attached")
-    if "past_key_values" not in inspect.signature(model.forward).parameters:
+    cache_name = cache_argument(model)
+    if cache_name is None:
         raise TypeError(
-            f"{type(model).__name__}.forward takes no past_key_values, so it cannot carry a prefix"
+            f"{type(model).__name__}.forward takes no key/value cache (neither `cache` nor `past_key_values`), "
+            "so it cannot carry a prefix"
         )
     kv_shape = kv_shape_from_config(model.config)
     model.requires_grad_(False)
@@ -211,6 +215,7 @@ def attach_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
         model.training
     )  # a new module starts in training mode: follow the model
     model.prefix_config = config
+    model._prefix_cache_argument = cache_name
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
         # Safe because training forwards get a read-only prefix cache (see ReadOnlyPrefixLayer).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from ptuning_v2 import (
     load_prefix,
     load_prefix_checkpoint,
 )
+from ptuning_v2.compat import CACHE_NAMES, cache_argument, output_cache
 
 KINDS = list(CONFIGS)
 P = 4
@@ -205,7 +207,7 @@ def test_chatglm_positions_start_at_zero(kind):
         model._forward_pre_hooks.clear()  # bypass our hook: the plain model, given everything explicitly
         try:
             expected = model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache
+                input_ids=ids, attention_mask=mask, position_ids=positions, **{cache_argument(model): cache}
             ).logits
         finally:
             model._forward_pre_hooks.update(handle)
@@ -246,16 +248,42 @@ def test_positional_arguments_and_foreign_cache():
         assert torch.allclose(model(ids).logits, logits(model, ids))
         plain = DynamicCache(ddp_cache_data=[(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))] * 2)
         with pytest.raises(ValueError, match="not computed with this prefix"):
-            model(input_ids=ids, past_key_values=plain)
+            model(input_ids=ids, **{cache_argument(model): plain})
 
 
-def test_manual_continuation_from_returned_cache():
+@pytest.mark.parametrize("name", CACHE_NAMES)
+def test_manual_continuation_from_returned_cache(name):
+    """Either keyword works on either transformers API (5.24's ``cache``, the older ``past_key_values``)."""
     model = prefixed()
     ids = random_ids(1, 6)
     with torch.no_grad():
         first = model(input_ids=ids[:, :4], use_cache=True)
-        second = model(input_ids=ids[:, 4:], past_key_values=first.past_key_values, use_cache=True)
+        second = model(input_ids=ids[:, 4:], use_cache=True, **{name: output_cache(first)})
     assert torch.allclose(second.logits, logits(model, ids)[:, 4:], atol=1e-5)
+
+
+def test_both_cache_keywords_at_once_are_refused():
+    model = prefixed()
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        cache = output_cache(model(input_ids=ids[:, :4], use_cache=True))
+        with pytest.raises(ValueError, match="not both"):
+            model(input_ids=ids[:, 4:], cache=cache, past_key_values=cache)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_our_calls_raise_no_deprecation_warning(kind):
+    """Forward, continuation, training and generate go through the model's own cache keyword."""
+    model = prefixed(kind)
+    ids = random_ids(2, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # FutureWarning / DeprecationWarning from transformers fail the test
+        with torch.no_grad():
+            first = model(input_ids=ids, use_cache=True)
+            model(input_ids=ids[:, -1:], use_cache=True, **{cache_argument(model): output_cache(first)})
+            model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
 
 
 # ---------------------------------------------------------------- generation
