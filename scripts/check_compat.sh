@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Does the project still work with the newest releases its ranges (pyproject.toml) allow?
+# Makes a throw-away venv, installs the newest allowed releases, prints the versions, runs the core, training and
+# generation tests there and prints the result. The locked install (requirements.lock) is not touched.
+#   bash scripts/check_compat.sh                  # torch stays at the CPU wheel on disk (2.13.0)
+#   TORCH=2.14.1 bash scripts/check_compat.sh     # another torch release (a CUDA build: several GB)
+#   TESTS="tests/test_prefix.py" bash scripts/check_compat.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH=${TORCH:-2.13.0}
+TESTS=${TESTS:-tests/test_prefix.py tests/test_families.py tests/test_train.py tests/test_generation.py tests/test_compat.py}
+VENV=$(mktemp -d /tmp/ptuning-compat-XXXXXX)
+trap 'rm -rf "$VENV"' EXIT
+
+python -m venv "$VENV"
+"$VENV/bin/pip" install -q --upgrade pip
+"$VENV/bin/pip" install -q "torch==$TORCH"
+# The ranges, read from pyproject.toml; torch is held at the release installed above.
+mapfile -t SPECS < <("$VENV/bin/python" - <<'PY'
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+for spec in project["dependencies"] + project["optional-dependencies"]["dev"]:
+    if not spec.startswith("torch"):
+        print(spec)
+PY
+)
+echo "torch==$TORCH" > "$VENV/hold-torch.txt"
+"$VENV/bin/pip" install -q --upgrade -c "$VENV/hold-torch.txt" "${SPECS[@]}"
+
+echo "== newest releases the ranges allow ($(date -u +%F)):"
+"$VENV/bin/python" - <<'PY'
+from importlib.metadata import version
+for name in ("torch", "transformers", "peft", "deepspeed", "accelerate", "datasets", "bitsandbytes",
+             "safetensors", "tokenizers", "huggingface_hub"):
+    print(f"  {name}=={version(name)}")
+PY
+echo "== tests: $TESTS"
+set +e
+# shellcheck disable=SC2086
+HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider $TESTS
+status=$?
+set -e
+if [[ $status == 0 ]]; then echo "== check_compat: PASSED"; else echo "== check_compat: FAILED (pytest exit $status)"; fi
+exit $status
