@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 
 import pytest
@@ -271,19 +272,39 @@ def test_both_cache_keywords_at_once_are_refused():
             model(input_ids=ids[:, 4:], cache=cache, past_key_values=cache)
 
 
+class _DeprecationLog(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "deprecat" in record.getMessage().lower():
+            self.messages.append(record.getMessage())
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_our_calls_raise_no_deprecation_warning(kind):
-    """Forward, continuation, training and generate go through the model's own cache keyword."""
+    """Forward, continuation, training and every generate mode go through the model's own cache keyword."""
     model = prefixed(kind)
     ids = random_ids(2, 5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # FutureWarning / DeprecationWarning from transformers fail the test
-        with torch.no_grad():
-            first = model(input_ids=ids, use_cache=True)
-            model(input_ids=ids[:, -1:], use_cache=True, **{cache_argument(model): output_cache(first)})
-            model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
-        model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
+    log = _DeprecationLog()
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(log)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # FutureWarning / DeprecationWarning from transformers fail the test
+            with torch.no_grad():
+                first = model(input_ids=ids, use_cache=True)
+                model(input_ids=ids[:, -1:], use_cache=True, **{cache_argument(model): output_cache(first)})
+                common = dict(max_new_tokens=3, pad_token_id=PAD)
+                model.generate(input_ids=ids, do_sample=False, **common)
+                model.generate(input_ids=ids, do_sample=False, num_beams=2, **common)
+                model.generate(input_ids=ids, do_sample=True, top_p=0.7, **common)
+            model.train()
+            model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        transformers_logger.removeHandler(log)
+    assert log.messages == []
 
 
 # ---------------------------------------------------------------- generation
