@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
 
+from .quantization import prepare_4bit_for_cpu
+
 PREFIX_ENCODER_KEY = "transformer.prefix_encoder."
 _DROPPED_KEYS = ("transformer.rotary_pos_emb.inv_freq",)
 _LAYER_KEY = "transformer.encoder.layers."
@@ -382,6 +384,7 @@ def load_chatglm_as_glm(
             dtype=torch_dtype or "auto",
             device_map={"": device},
         )
+    prepare_4bit_for_cpu(model)  # layers bitsandbytes' AVX512-BF16 CPU kernel cannot take
     return model, prefix or None
 
 

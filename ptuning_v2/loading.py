@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from .checkpoint import load_prefix
+from .quantization import prepare_4bit_for_cpu
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -91,6 +92,8 @@ def load_model(
         if quant is not None:
             kwargs.update(quantization_config=quant, device_map=_device_map())
         model = model_class.from_pretrained(model_name_or_path, **kwargs)
+        if quant is not None:
+            prepare_4bit_for_cpu(model)  # layers bitsandbytes' AVX512-BF16 CPU kernel cannot take
     if ptuning_checkpoint:
         load_prefix(model, ptuning_checkpoint)
     else:

@@ -542,9 +542,15 @@ def test_convert_builds_tokenizer_from_sentencepiece(checkpoints, tmp_path):
     assert max(reloaded(text)["input_ids"]) < TINY_CHATGLM["padded_vocab_size"]
 
 
-def test_quantized_load_goes_through_a_temporary_native_checkpoint(checkpoints, weights, tmp_path):
+# bitsandbytes' two CPU paths for 4-bit: with AVX512-BF16 (packed kernel) and without; see test_quantization.py
+@pytest.mark.parametrize("path", ["packed", "generic"])
+def test_quantized_load_goes_through_a_temporary_native_checkpoint(
+    checkpoints, weights, tmp_path, path, monkeypatch
+):
+    from test_quantization import check_packed_forward_possible, force_cpu_path
     from transformers import BitsAndBytesConfig
 
+    force_cpu_path(monkeypatch, path)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
     model, _ = load_chatglm_as_glm(
         checkpoints["bin"], quantization_config=quant, device="cpu", tmp_dir=tmp_path
@@ -554,7 +560,14 @@ def test_quantized_load_goes_through_a_temporary_native_checkpoint(checkpoints, 
     assert torch.equal(
         model.model.embed_tokens.weight, weights["transformer.embedding.word_embeddings.weight"]
     )
+    check_packed_forward_possible(model, path)  # skips from here where the CPU has no packed kernel
     # nf4 on random weights is lossy; the logits must still clearly follow the reference.
     logits = _logits(model, PROMPT).double().flatten()
     expected = reference_chatglm_forward(weights, TINY_CHATGLM, PROMPT).flatten()
     assert F.cosine_similarity(logits, expected, dim=0) > 0.9
+    # ffn_hidden_size 96: down_proj's in_features are no multiple of the 4-bit block size (64), so it stays on
+    # the generic path while q_proj (64 -> 64) is packed.
+    mlp, attention = model.model.layers[0].mlp, model.model.layers[0].self_attn
+    assert type(mlp.down_proj).__name__ == "Linear4bit" and not mlp.down_proj.support_avx512bf16_for_cpu
+    packed = getattr(attention.q_proj.weight.quant_state, "packing_format_for_cpu", False)
+    assert packed == (path == "packed")
