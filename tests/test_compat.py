@@ -79,3 +79,16 @@ def test_cache_keyword_and_output_field():
     with torch.no_grad():
         out = model(input_ids=random_ids(1, 4), use_cache=True)
     assert isinstance(output_cache(out), Cache)
+
+
+def test_bitsandbytes_cpu_packing_internals():
+    # ptuning_v2.quantization steers bitsandbytes' AVX512-BF16 CPU path per layer; no public switch exists.
+    import bitsandbytes.functional
+    import bitsandbytes.nn.modules
+    from bitsandbytes.nn import Linear4bit
+
+    assert callable(bitsandbytes.nn.modules.has_avx512bf16)
+    assert callable(bitsandbytes.functional._convert_weight_packed_for_cpu_inverse)
+    layer = Linear4bit(64, 32, bias=False, quant_type="nf4")
+    assert hasattr(layer, "support_avx512bf16_for_cpu")
+    assert "packing_format_for_cpu" in inspect.getsource(bitsandbytes.functional)
