@@ -6,6 +6,11 @@
 Prints a table (one column per file) and, as the last line of stdout, one JSON object: the metrics of
 the first file as flat keys and, when several files are given, ``"files": {path: {metrics}}`` for all.
 Bad input: a message naming ``file:line`` on stderr and exit code 2.
+
+Several files are compared side by side only when they hold the same test set: the same number of pairs
+and the same labels in the same order. Otherwise it is an error (exit code 2) naming both files and both
+counts, unless ``--allow-different-sets`` turns it into a warning. A file whose predictions (or labels) are
+all empty gets a warning on stderr: every score is then 0, which usually means generation went wrong.
 """
 
 from __future__ import annotations
@@ -44,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="chars",
         help="chars: ChatGLM-6B/2 BLEU-4 on characters, x100; "
         "words: ChatGLM3/GLM-4 BLEU-4 on jieba words, 0..1",
+    )
+    parser.add_argument(
+        "--allow-different-sets",
+        action="store_true",
+        help="score files that hold different numbers of pairs or different labels side by side anyway "
+        "(a warning instead of an error)",
     )
     return parser.parse_args(argv)
 
@@ -85,16 +96,69 @@ def format_table(paths: list[str], results: list[dict[str, float]], counts: list
     return "\n".join(lines)
 
 
+def _preview(text: str, width: int = 30) -> str:
+    return repr(text if len(text) <= width else text[:width] + "…")
+
+
+def compare_test_sets(paths: list[str], labels: list[list[str]]) -> list[str]:
+    """Why the files' columns would not be comparable: each file against the first, by count then labels."""
+    problems = []
+    first_path, first = paths[0], labels[0]
+    for path, other in zip(paths[1:], labels[1:]):
+        if len(other) != len(first):
+            problems.append(f"{first_path} holds {len(first)} pairs but {path} holds {len(other)}")
+            continue
+        differ = [i for i, (a, b) in enumerate(zip(first, other)) if a != b]
+        if differ:
+            i = differ[0]
+            problems.append(
+                f"{first_path} and {path} both hold {len(first)} pairs but {len(differ)} of their labels differ, "
+                f"first at pair {i + 1} ({_preview(first[i])} vs {_preview(other[i])})"
+            )
+    return problems
+
+
+def empty_warnings(path: str, predictions: list[str], labels: list[str]) -> list[str]:
+    warnings = []
+    if not any(p.strip() for p in predictions):
+        warnings.append(
+            f"{path}: all {len(predictions)} predictions are empty, so every score is 0; did generation fail "
+            "(a broken prefix checkpoint, a model that stops at once)?"
+        )
+    if not any(label.strip() for label in labels):
+        warnings.append(f"{path}: all {len(labels)} labels are empty, so every score is 0")
+    return warnings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results: list[dict[str, float]] = []
-    counts: list[int] = []
+    pairs: list[tuple[list[str], list[str]]] = []
     for path in args.predictions:
         try:
-            predictions, labels = read_predictions(path)
+            pairs.append(read_predictions(path))
         except (OSError, ValueError) as exc:
             print(f"rouge.py: error: {exc}", file=sys.stderr)
             return 2
+    problems = compare_test_sets(args.predictions, [labels for _, labels in pairs])
+    if problems and not args.allow_different_sets:
+        for problem in problems:
+            print(f"rouge.py: error: {problem}", file=sys.stderr)
+        print(
+            "rouge.py: error: these files were not scored on the same test set, so their columns are not "
+            "comparable (pass --allow-different-sets to score them anyway)",
+            file=sys.stderr,
+        )
+        return 2
+    for problem in problems:
+        print(
+            f"rouge.py: warning: {problem} (not the same test set; columns are not comparable)",
+            file=sys.stderr,
+        )
+    results: list[dict[str, float]] = []
+    counts: list[int] = []
+    for path, (predictions, labels) in zip(args.predictions, pairs):
+        for warning in empty_warnings(path, predictions, labels):
+            print(f"rouge.py: warning: {warning}", file=sys.stderr)
         results.append(all_metrics(predictions, labels, task=args.task, bleu=args.bleu))
         counts.append(len(predictions))
 

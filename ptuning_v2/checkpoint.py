@@ -14,13 +14,13 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .attach import trainable_head
@@ -142,30 +142,281 @@ def save_prefix_checkpoint(model: nn.Module, directory: str | Path) -> Path:
 # ---------------------------------------------------------------- reading
 
 
+class CheckpointError(ValueError):
+    """A prefix checkpoint that cannot be used as it is; the message names the file and the field or tensor."""
+
+
+_PEFT_CONFIG = "adapter_config.json"
+_PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_OFFICIAL_CONFIG = "config.json"
+# Files that sit inside a checkpoint directory: passing one of them means the directory was meant.
+_CHECKPOINT_FILES = (
+    WEIGHTS_NAME,
+    CONFIG_NAME,
+    _PEFT_CONFIG,
+    *_PEFT_WEIGHTS,
+    _OFFICIAL_CONFIG,
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    names = {dict: "object", list: "array", str: "string", int: "integer", float: "number"}
+    return names.get(type(value), type(value).__name__)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; every problem (encoding, syntax, not an object) names the file."""
     try:
-        return json.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise CheckpointError(
+            f"{path}: not UTF-8 text (byte {err.start}); is this really a JSON file?"
+        ) from err
+    try:
+        value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        raise CheckpointError(
+            f"{path}:{err.lineno}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        ) from err
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {_json_type(value)}")
+    return value
+
+
+def _positive_int(meta: dict[str, Any], key: str, where: str, required: bool = True) -> int | None:
+    if key not in meta or meta[key] is None:
+        if required:
+            raise CheckpointError(f"{where}: missing field {key!r} (a positive integer)")
+        return None
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(
+            f"{where}: field {key!r} must be a positive integer, got {json.dumps(value)} ({_json_type(value)})"
+        )
+    return value
+
+
+def _boolean(meta: dict[str, Any], key: str, where: str, required: bool = True) -> bool | None:
+    if key not in meta:
+        if required:
+            raise CheckpointError(f"{where}: missing field {key!r} (true or false)")
+        return None
+    if not isinstance(meta[key], bool):
+        value = meta[key]
+        raise CheckpointError(
+            f"{where}: field {key!r} must be true or false, got {json.dumps(value)} ({_json_type(value)})"
+        )
+    return meta[key]
+
+
+def _describe_error(err: BaseException) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _load_safetensors(path: Path, select: Any = None) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (those whose name ``select`` accepts); a broken file is named."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys() if select is None or select(key)}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{path}: cannot read this safetensors file ({_describe_error(err)}); it is truncated or corrupt "
+            "(an interrupted copy or download?)"
+        ) from err
+
+
+def _load_torch(path: Path) -> dict[str, Any]:
+    """A ``torch.save``-d state dict; a broken or foreign file is named."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError... for a bad file
+        raise CheckpointError(
+            f"{path}: cannot read this PyTorch file ({_describe_error(err)}); it is truncated, corrupt or "
+            "not a state dict saved with torch.save"
+        ) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of named tensors")
+    return state
+
+
+def _check_tensors(
+    state: dict[str, torch.Tensor],
+    expected: dict[str, tuple[int, ...]],
+    origin: dict[str, Path],
+    why: str,
+    optional_prefix: str | None = None,
+) -> None:
+    """Every expected tensor present with its shape, nothing unknown, floating point and finite.
+
+    ``origin`` maps each tensor to the file it came from (named in every error); ``why`` says where the
+    expected shapes come from; tensors under ``optional_prefix`` (task heads) are checked for dtype and
+    finiteness only.
+    """
+    files = sorted({str(f) for f in origin.values()}) or ["the checkpoint"]
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{origin.get(name, files[0])}: {name!r} is a {type(value).__name__}, not a tensor"
+            )
+    missing = [name for name in expected if name not in state]
+    if missing:
+        raise CheckpointError(
+            f"{', '.join(files)}: missing tensor(s) {missing} ({why} needs {sorted(expected)}); "
+            f"found {sorted(state)}"
+        )
+    unknown = [
+        n for n in state if n not in expected and not (optional_prefix and n.startswith(optional_prefix))
+    ]
+    if unknown:
+        raise CheckpointError(
+            f"{', '.join(files)}: unexpected tensor(s) {sorted(unknown)} ({why} needs exactly {sorted(expected)})"
+        )
+    for name, tensor in state.items():
+        file = origin.get(name, files[0])
+        if name in expected and not _shape_fits(tuple(tensor.shape), expected[name]):
+            sizes = [str(d) if d >= 0 else "?" for d in expected[name]]
+            wanted = f"({sizes[0]},)" if len(sizes) == 1 else f"({', '.join(sizes)})"
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, {why} implies {wanted}"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; prefix weights "
+                "are floating point (float32, bfloat16 or float16)"
+            )
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise CheckpointError(
+                f"{file}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf) out of {tensor.numel()}: "
+                "the file is corrupt or training diverged; refusing to load it"
+            )
+
+
+def _shape_fits(actual: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """Same rank and sizes; an expected size below 0 is unknown and matches any."""
+    return len(actual) == len(expected) and all(e < 0 or a == e for a, e in zip(actual, expected))
+
+
+def _encoder_shapes(pre_seq_len: int, kv_size: int, hidden: int | None) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"embedding.weight": (pre_seq_len, kv_size)}
+    if hidden is not None:
+        shapes.update(
+            {
+                "trans.0.weight": (hidden, kv_size),
+                "trans.0.bias": (hidden,),
+                "trans.2.weight": (kv_size, hidden),
+                "trans.2.bias": (kv_size,),
+            }
+        )
+    return shapes
+
+
+def _our_config(meta: dict[str, Any], where: str) -> tuple[PrefixConfig, KVShape | None]:
+    """``prefix_config.json`` -> (PrefixConfig, KVShape), each field's type and value checked first."""
+    if "format" in meta and meta["format"] != FORMAT:
+        raise CheckpointError(f"{where}: field 'format' is {json.dumps(meta['format'])}, expected {FORMAT!r}")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(
+            f"{where}: field 'format_version' must be an integer, got {json.dumps(version)}"
+        )
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where}: format_version {version} was written by a newer ptuning_v2; this one reads up to "
+            f"{FORMAT_VERSION}"
+        )
+    pre_seq_len = _positive_int(meta, "pre_seq_len", where)
+    projection = _boolean(meta, "prefix_projection", where)
+    hidden = _positive_int(meta, "prefix_hidden_size", where, required=False)
+    values: dict[str, Any] = {
+        "pre_seq_len": pre_seq_len,
+        "prefix_projection": projection,
+        "prefix_hidden_size": hidden,
+    }
+    if "prefix_dropout" in meta:
+        dropout = meta["prefix_dropout"]
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise CheckpointError(
+                f"{where}: field 'prefix_dropout' must be a number in [0, 1), got {json.dumps(dropout)}"
+            )
+        values["prefix_dropout"] = float(dropout)
+    if "position_convention" in meta:
+        convention = meta["position_convention"]
+        if convention not in ("chatglm", "peft"):
+            raise CheckpointError(
+                f'{where}: field \'position_convention\' must be "chatglm" or "peft", got {json.dumps(convention)}'
+            )
+        values["position_convention"] = convention
+    try:
+        config = PrefixConfig(**values)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: {err}") from err
+    shape = meta.get("kv_shape")
+    if shape is None:
+        return config, None
+    if not isinstance(shape, dict):
+        raise CheckpointError(f"{where}: field 'kv_shape' must be an object, got {_json_type(shape)}")
+    dims = [
+        _positive_int(shape, key, f"{where}: kv_shape") for key in ("num_layers", "num_kv_heads", "head_dim")
+    ]
+    kv_shape = KVShape(*dims, _positive_int(shape, "hidden_size", f"{where}: kv_shape"))
+    recorded = shape.get("kv_size", kv_shape.kv_size)
+    if recorded != kv_shape.kv_size:
+        raise CheckpointError(
+            f"{where}: kv_shape.kv_size is {json.dumps(recorded)}, but num_layers * 2 * num_kv_heads * head_dim "
+            f"= {kv_shape.kv_size}"
+        )
+    return config, kv_shape
 
 
 def _read_ours(directory: Path) -> PrefixCheckpoint:
-    meta = _read_json(directory / CONFIG_NAME)
+    config_file = directory / CONFIG_NAME
     weights = directory / WEIGHTS_NAME
+    meta = _read_json(config_file)
     if not weights.is_file():
         raise FileNotFoundError(f"{directory}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-    known = {f.name for f in fields(PrefixConfig)}
-    try:
-        config = PrefixConfig(**{k: v for k, v in meta.items() if k in known})
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{directory / CONFIG_NAME}: {err}") from err
-    shape = meta.get("kv_shape")
-    kv_shape = None
-    if shape:
-        kv_shape = KVShape(
-            shape["num_layers"], shape["num_kv_heads"], shape["head_dim"], shape["hidden_size"]
-        )
-    return PrefixCheckpoint(config, load_file(str(weights)), kv_shape, "ptuning_v2", directory)
+    config, kv_shape = _our_config(meta, str(config_file))
+    state = _load_safetensors(weights)
+    embedding = state.get("embedding.weight")
+    if kv_shape is not None:
+        kv_size = kv_shape.kv_size
+    elif isinstance(embedding, torch.Tensor) and embedding.dim() == 2:
+        kv_size = embedding.shape[1]
+    else:
+        kv_size = -1  # unknown: the shape check below reports the tensor as it is
+    hidden = None
+    if config.prefix_projection:
+        trans = state.get("trans.0.weight")
+        if config.prefix_hidden_size or kv_shape is not None:
+            hidden = config.prefix_hidden_size or kv_shape.hidden_size
+        elif isinstance(trans, torch.Tensor) and trans.dim() == 2:
+            hidden = trans.shape[0]
+        else:
+            hidden = -1
+    why = (
+        f"{config_file} (pre_seq_len={config.pre_seq_len}, prefix_projection={config.prefix_projection}"
+        + (f", kv_size={kv_size}" if kv_size > 0 else "")
+        + (f", prefix hidden size {hidden}" if hidden and hidden > 0 else "")
+        + ")"
+    )
+    _check_tensors(
+        state,
+        _encoder_shapes(config.pre_seq_len, kv_size, hidden),
+        dict.fromkeys(state, weights),
+        why,
+        optional_prefix=HEAD_KEY,
+    )
+    return PrefixCheckpoint(config, state, kv_shape, "ptuning_v2", directory)
 
 
 def _official_weight_files(directory: Path) -> list[Path]:
@@ -176,6 +427,8 @@ def _official_weight_files(directory: Path) -> list[Path]:
         index = directory / index_name
         if index.is_file():
             weight_map = _read_json(index).get("weight_map", {})
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index}: field 'weight_map' must map tensor names to file names")
             files = sorted({f for k, f in weight_map.items() if _OFFICIAL_KEY in k})
             return [directory / f for f in files]
         if (directory / single).is_file():
@@ -185,70 +438,121 @@ def _official_weight_files(directory: Path) -> list[Path]:
 
 def _read_prefix_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The ``*prefix_encoder.*`` tensors of a file, renamed to the encoder's own names."""
-    found: dict[str, torch.Tensor] = {}
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                if _OFFICIAL_KEY in key:
-                    found[key.split(_OFFICIAL_KEY, 1)[1]] = f.get_tensor(key)
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        found = {k.split(_OFFICIAL_KEY, 1)[1]: v.clone() for k, v in state.items() if _OFFICIAL_KEY in k}
-    return found
+        found = _load_safetensors(path, select=lambda key: _OFFICIAL_KEY in key)
+        return {k.split(_OFFICIAL_KEY, 1)[1]: v for k, v in found.items()}
+    state = _load_torch(path)
+    return {
+        str(k).split(_OFFICIAL_KEY, 1)[1]: v.clone() if isinstance(v, torch.Tensor) else v
+        for k, v in state.items()
+        if _OFFICIAL_KEY in str(k)
+    }
+
+
+def _official_kv_size(meta: dict[str, Any]) -> int | None:
+    """kv_size implied by a ChatGLM2/3 config.json's geometry, when it records it."""
+    heads_key = "multi_query_group_num" if meta.get("multi_query_attention") else "num_attention_heads"
+    values = [meta.get(k) for k in ("num_layers", "kv_channels", heads_key)]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        return None
+    num_layers, kv_channels, groups = values
+    return num_layers * 2 * groups * kv_channels
 
 
 def _read_official(directory: Path) -> PrefixCheckpoint:
     state: dict[str, torch.Tensor] = {}
-    for path in _official_weight_files(directory):
+    origin: dict[str, Path] = {}
+    files = _official_weight_files(directory)
+    for path in files:
         if not path.is_file():
             raise FileNotFoundError(f"{directory}: the index names {path.name}, which is missing")
-        state.update(_read_prefix_tensors(path))
+        found = _read_prefix_tensors(path)
+        state.update(found)
+        origin.update(dict.fromkeys(found, path))
+    names = ", ".join(str(f) for f in files)
     if "embedding.weight" not in state:
-        raise ValueError(
-            f"{directory}: no prefix found: expected a tensor named transformer.prefix_encoder.embedding.weight "
+        raise CheckpointError(
+            f"{names}: no prefix found: expected a tensor named transformer.prefix_encoder.embedding.weight "
             "in pytorch_model.bin or model.safetensors"
         )
-    meta = _read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
+    config_file = directory / _OFFICIAL_CONFIG
+    meta = _read_json(config_file) if config_file.is_file() else {}
+    embedding = state["embedding.weight"]
+    if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2:
+        shape = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else type(embedding).__name__
+        raise CheckpointError(
+            f"{origin['embedding.weight']}: transformer.prefix_encoder.embedding.weight must be a 2-D "
+            f"(pre_seq_len, kv_size) table, got {shape}"
+        )
     has_mlp = "trans.0.weight" in state
-    projection = bool(meta.get("prefix_projection", has_mlp))
+    declared = _boolean(meta, "prefix_projection", str(config_file), required=False)
+    projection = has_mlp if declared is None else declared
     if projection != has_mlp:
-        raise ValueError(
-            f"{directory}: config.json says prefix_projection={projection} but the weights "
+        raise CheckpointError(
+            f"{config_file} says prefix_projection={projection} but {names} "
             f"{'hold' if has_mlp else 'lack'} the MLP (transformer.prefix_encoder.trans.*)"
         )
-    pre_seq_len = state["embedding.weight"].shape[0]
-    if meta.get("pre_seq_len") not in (None, pre_seq_len):
-        raise ValueError(
-            f"{directory}: config.json says pre_seq_len={meta['pre_seq_len']} but "
-            f"transformer.prefix_encoder.embedding.weight has {pre_seq_len} rows"
+    pre_seq_len, kv_size = embedding.shape
+    declared_len = _positive_int(meta, "pre_seq_len", str(config_file), required=False)
+    if declared_len not in (None, pre_seq_len):
+        raise CheckpointError(
+            f"{config_file} says pre_seq_len={declared_len} but transformer.prefix_encoder.embedding.weight "
+            f"has {pre_seq_len} rows (in {origin['embedding.weight']})"
         )
-    hidden = state["trans.0.weight"].shape[0] if has_mlp else None
+    implied = _official_kv_size(meta)
+    if implied is not None and implied != kv_size:
+        raise CheckpointError(
+            f"{config_file}: its geometry (num_layers, kv_channels, key/value heads) implies kv_size={implied}, "
+            f"but transformer.prefix_encoder.embedding.weight is {kv_size} wide (in {origin['embedding.weight']})"
+        )
+    hidden = None
+    if has_mlp:
+        trans = state["trans.0.weight"]
+        hidden = trans.shape[0] if isinstance(trans, torch.Tensor) and trans.dim() == 2 else -1
+    why = f"an official prefix (pre_seq_len={pre_seq_len}, kv_size={kv_size}, prefix_projection={projection})"
+    _check_tensors(state, _encoder_shapes(pre_seq_len, kv_size, hidden), origin, why)
     config = PrefixConfig(pre_seq_len=pre_seq_len, prefix_projection=projection, prefix_hidden_size=hidden)
     return PrefixCheckpoint(config, state, None, "chatglm", directory)
 
 
 def _read_peft(directory: Path) -> PrefixCheckpoint:
-    meta = _read_json(directory / "adapter_config.json")
-    if meta.get("peft_type") != "PREFIX_TUNING":
-        raise ValueError(f"{directory}: a PEFT adapter of type {meta.get('peft_type')!r}, not PREFIX_TUNING")
+    config_file = directory / _PEFT_CONFIG
+    where = str(config_file)
+    meta = _read_json(config_file)
+    if "peft_type" not in meta:
+        raise CheckpointError(f"{where}: missing field 'peft_type' (is this a PEFT adapter_config.json?)")
+    if meta["peft_type"] != "PREFIX_TUNING":
+        raise CheckpointError(f"{where}: a PEFT adapter of type {meta['peft_type']!r}, not PREFIX_TUNING")
     if (meta.get("num_transformer_submodules") or 1) != 1:
-        raise ValueError(f"{directory}: encoder-decoder PEFT prefixes are not supported")
-    if (directory / "adapter_model.safetensors").is_file():
-        state = load_file(str(directory / "adapter_model.safetensors"))
-    elif (directory / "adapter_model.bin").is_file():
-        state = torch.load(str(directory / "adapter_model.bin"), map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{directory}: no adapter_model.safetensors or adapter_model.bin")
-    if "prompt_embeddings" not in state:
-        raise ValueError(f"{directory}: no 'prompt_embeddings' tensor (found {sorted(state)})")
-    table = state["prompt_embeddings"]
-    num_layers, token_dim, heads = meta["num_layers"], meta["token_dim"], meta["num_attention_heads"]
-    kv_shape = KVShape(num_layers, heads, token_dim // heads, meta.get("encoder_hidden_size") or token_dim)
-    if table.shape != (meta["num_virtual_tokens"], kv_shape.kv_size):
-        raise ValueError(
-            f"{directory}: prompt_embeddings has shape {tuple(table.shape)}, adapter_config.json implies "
-            f"({meta['num_virtual_tokens']}, {kv_shape.kv_size})"
+        raise CheckpointError(f"{where}: encoder-decoder PEFT prefixes are not supported")
+    num_virtual_tokens = _positive_int(meta, "num_virtual_tokens", where)
+    num_layers = _positive_int(meta, "num_layers", where)
+    token_dim = _positive_int(meta, "token_dim", where)
+    heads = _positive_int(meta, "num_attention_heads", where)
+    encoder_hidden = _positive_int(meta, "encoder_hidden_size", where, required=False)
+    if token_dim % heads:
+        raise CheckpointError(
+            f"{where}: token_dim={token_dim} is not a multiple of num_attention_heads={heads}"
         )
+    if (directory / _PEFT_WEIGHTS[0]).is_file():
+        weights = directory / _PEFT_WEIGHTS[0]
+        state = _load_safetensors(weights)
+    elif (directory / _PEFT_WEIGHTS[1]).is_file():
+        weights = directory / _PEFT_WEIGHTS[1]
+        state = _load_torch(weights)
+    else:
+        raise FileNotFoundError(f"{directory}: has {_PEFT_CONFIG} but no {' or '.join(_PEFT_WEIGHTS)}")
+    if "prompt_embeddings" not in state:
+        raise CheckpointError(f"{weights}: no 'prompt_embeddings' tensor (found {sorted(map(str, state))})")
+    kv_shape = KVShape(num_layers, heads, token_dim // heads, encoder_hidden or token_dim)
+    table = state["prompt_embeddings"]
+    why = f"{where} (num_virtual_tokens={num_virtual_tokens}, kv_size={kv_shape.kv_size})"
+    _check_tensors(
+        {"prompt_embeddings": table},
+        {"prompt_embeddings": (num_virtual_tokens, kv_shape.kv_size)},
+        {"prompt_embeddings": weights},
+        why,
+    )
     # PEFT trains with positions offset by the prefix and without prefix dropout; keep both so outputs reproduce.
     config = PrefixConfig(
         pre_seq_len=table.shape[0], prefix_projection=False, prefix_dropout=0.0, position_convention="peft"
@@ -257,13 +561,29 @@ def _read_peft(directory: Path) -> PrefixCheckpoint:
 
 
 def load_prefix_checkpoint(path: str | Path) -> PrefixCheckpoint:
-    """Read a prefix checkpoint directory in our format, THUDM's official ptuning format, or PEFT's."""
+    """Read a prefix checkpoint directory in our format, THUDM's official ptuning format, or PEFT's.
+
+    Everything is checked before it is returned: the config files' fields (types and values), the tensors'
+    names and shapes against them, their dtype (floating point) and values (finite). Every error names the
+    file at fault.
+    """
     directory = Path(path)
+    if directory.is_file():
+        hint = (
+            f"; pass the directory holding it, {directory.parent}"
+            if directory.name in _CHECKPOINT_FILES
+            else ""
+        )
+        raise CheckpointError(f"prefix checkpoint {directory} is a file, not a checkpoint directory{hint}")
     if not directory.is_dir():
         raise FileNotFoundError(f"prefix checkpoint {directory} does not exist or is not a directory")
     if (directory / CONFIG_NAME).is_file():
         return _read_ours(directory)
-    if (directory / "adapter_config.json").is_file():
+    if (directory / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"{directory}: has {WEIGHTS_NAME} but no {CONFIG_NAME} (copy both files of the checkpoint)"
+        )
+    if (directory / _PEFT_CONFIG).is_file():
         return _read_peft(directory)
     if _official_weight_files(directory):
         return _read_official(directory)

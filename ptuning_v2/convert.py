@@ -11,13 +11,15 @@ Two kinds of SRC, told apart by their weights:
 * an official ``ptuning/`` output directory (only ``transformer.prefix_encoder.*`` tensors; its config.json
   gives the model geometry): DST becomes a prefix checkpoint in our format.
 
-DST is built in a temporary directory beside it and renamed into place at the end, so an interrupted run
-never leaves a half-written DST.
+DST must not exist or be an empty directory (``--overwrite`` replaces a non-empty one). It is built in a
+temporary directory beside it and renamed into place at the end, so a failed or interrupted run never leaves
+a half-written DST (nor the parent directories it had to create).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -31,6 +33,7 @@ from .chatglm import (
     ChatGLMConversionError,
     chatglm_to_glm_config,
     chatglm_weight_files,
+    parse_size,
     read_chatglm_config,
     read_json,
     write_glm_checkpoint,
@@ -41,21 +44,115 @@ PREFIX_SUBDIR = "ptuning_prefix"
 _BACKBONE_PROBE = "transformer.embedding.word_embeddings.weight"
 
 
-def _weight_keys(src: Path) -> set[str]:
-    """Tensor names of a checkpoint without reading tensor data (index, safetensors header or mmap)."""
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (src / index).is_file():
-            return set(read_json(src / index).get("weight_map", {}))
-    keys: set[str] = set()
-    for file in chatglm_weight_files(src):
+def _read_json_file(path: Path) -> dict:
+    """A JSON object; bad encoding, bad syntax or another JSON type is an error naming the file."""
+    try:
+        value = read_json(path)
+    except UnicodeDecodeError as err:
+        raise ChatGLMConversionError(f"{path}: not UTF-8 text (byte {err.start})") from err
+    except json.JSONDecodeError as err:
+        raise ChatGLMConversionError(
+            f"{path}:{err.lineno}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        ) from err
+    if not isinstance(value, dict):
+        raise ChatGLMConversionError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _file_keys(file: Path) -> set[str]:
+    """Tensor names of one weight file, reading its header only; a truncated or corrupt file is named."""
+    try:
         if file.suffix == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(file), framework="pt") as f:
-                keys.update(f.keys())
-        else:
-            keys.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
+                return set(f.keys())
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # SafetensorError, RuntimeError, UnpicklingError... all mean a broken file
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ChatGLMConversionError(
+            f"{file}: cannot read this weights file ({type(err).__name__}: {first}); it is truncated or corrupt"
+        ) from err
+    if not isinstance(state, dict):
+        raise ChatGLMConversionError(f"{file}: holds a {type(state).__name__}, not a state dict")
+    return set(state)
+
+
+def _weight_keys(src: Path) -> set[str]:
+    """Tensor names of a checkpoint without reading tensor data; every weight file's header is opened, so a
+    truncated shard is found before anything is written."""
+    files = chatglm_weight_files(src)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (src / index).is_file():
+            weight_map = _read_json_file(src / index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ChatGLMConversionError(f"{src / index}: no 'weight_map' object (tensor name -> file)")
+            for file in files:
+                _file_keys(file)
+            return set(weight_map)
+    keys: set[str] = set()
+    for file in files:
+        keys.update(_file_keys(file))
     return keys
+
+
+_REQUIRED_INTS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "padded_vocab_size")
+
+
+def _read_source_config(src: Path) -> dict:
+    """SRC's config.json, checked enough that the conversion cannot fail on it halfway."""
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such directory")
+    if src.is_file():
+        raise ChatGLMConversionError(
+            f"{src} is a file; SRC is the checkpoint directory holding config.json and the weights "
+            f"(perhaps {src.parent})"
+        )
+    config_file = src / "config.json"
+    if config_file.is_file():
+        _read_json_file(config_file)  # names the file on bad JSON
+    config = read_chatglm_config(src)
+    if "position_encoding_2d" not in config and "num_layers" in config:
+        required = list(_REQUIRED_INTS)
+        if config.get("multi_query_attention"):
+            required.append("multi_query_group_num")
+        for field in required:
+            value = config.get(field)
+            if field not in config:
+                raise ChatGLMConversionError(f"{config_file}: missing field {field!r} (a positive integer)")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ChatGLMConversionError(
+                    f"{config_file}: field {field!r} must be a positive integer, got {json.dumps(value)}"
+                )
+    try:
+        chatglm_to_glm_config(config)  # unsupported variants fail here, before anything is written
+    except ChatGLMConversionError as err:
+        raise ChatGLMConversionError(f"{config_file}: {err}") from err
+    except (KeyError, TypeError, ValueError) as err:
+        raise ChatGLMConversionError(
+            f"{config_file}: cannot map this config onto GlmConfig ({err!r})"
+        ) from err
+    return config
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """DST may be new or an empty directory; a non-empty one needs --overwrite; it may never hold SRC."""
+    resolved_src, resolved_dst = src.resolve(), dst.resolve()
+    if resolved_dst == resolved_src or resolved_dst in resolved_src.parents:
+        raise ChatGLMConversionError(
+            f"{dst} is SRC or holds it; converting into it would destroy the source: pick another DST"
+        )
+    if not dst.exists() and not dst.is_symlink():
+        return
+    if not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a directory; DST must be a new or empty directory")
+    entries = sorted(os.listdir(dst))
+    if entries and not overwrite:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise FileExistsError(
+            f"{dst} already exists and is not empty (it holds {shown}); pass --overwrite to "
+            "replace it, or pick a new or empty directory"
+        )
 
 
 def _write_prefix(src: Path, out: Path, chatglm_config: dict) -> str:
@@ -124,13 +221,21 @@ def convert(
 ) -> list[str]:
     """Convert ``src`` (full model or official prefix checkpoint) into ``dst`` atomically; returns notes."""
     src_path, dst_path = Path(src), Path(dst)
-    if dst_path.exists() and not overwrite:
-        raise FileExistsError(f"{dst_path} already exists (pass --overwrite to replace it)")
-    read_chatglm_config(src_path)  # fail early, before creating anything
+    # Everything that can be checked is checked before anything is created.
+    _read_source_config(src_path)
+    _check_destination(src_path, dst_path, overwrite)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    try:
+        parse_size(max_shard_size)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"max_shard_size {max_shard_size!r} is not a size such as 2GB or 500MB ({err})"
+        ) from err
     keys = _weight_keys(src_path)
     torch_dtype = DTYPES[dtype] if dtype else None
 
-    dst_path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(dst_path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst_path.name}.tmp-", dir=dst_path.parent))
     try:
         if _BACKBONE_PROBE in keys:
@@ -145,8 +250,24 @@ def convert(
         _replace_dir(tmp, dst_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for directory in created:  # deepest first; only the ones this run made, and only if still empty
+            try:
+                directory.rmdir()
+            except OSError:
+                break
         raise
     return notes
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """``mkdir -p`` that returns the directories it created, deepest first."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+    return missing
 
 
 def _replace_dir(new: Path, dst: Path) -> None:
@@ -167,12 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
         "into a transformers-native GLM checkpoint (or our prefix format).",
     )
     parser.add_argument("src", help="original checkpoint directory (config.json with model_type 'chatglm')")
-    parser.add_argument("dst", help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("dst", help="output directory: new or empty (a non-empty one needs --overwrite)")
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="default: keep the stored dtype"
     )
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST")
     return parser
 
 
@@ -180,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         notes = convert(args.src, args.dst, args.dtype, args.max_shard_size, args.overwrite)
-    except (ChatGLMConversionError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (ChatGLMConversionError, OSError, ValueError) as err:
         sys.exit(f"error: {err}")
     for note in notes:
         print(note)

@@ -21,8 +21,10 @@ response) keeps its last ``max_source_length`` tokens, the final response its fi
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -57,6 +59,7 @@ _GENERATION_FEATURES = datasets.Features(
 )
 _FLAG_COLUMNS = ["prompt_truncated", "response_truncated", "empty_response"]
 _WHITESPACE = re.compile(r"\s*")
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,23 +107,75 @@ def load_conversations(
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     raw = Path(path).read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err})") from err
-    records = tuple(_normalised_records(path, text, config))
+    text = _decode_utf8(path, raw)
+    records, kind = _normalised_records(path, text, config)
     if not records:
         raise ValueError(f"{path}: no examples (the file is empty or holds only blank lines)")
     # Keyed on content, config and this module's code, so an edited file or a code change never
     # reuses a stale cache (the path alone would).
     fingerprint = _hash(raw, json.dumps(asdict(config), sort_keys=True).encode(), _module_digest().encode())
-    return datasets.Dataset.from_generator(
+    dataset = datasets.Dataset.from_generator(
         _yield_records,
         features=MESSAGES_FEATURES,
         cache_dir=cache_dir,
         gen_kwargs={"records": records},  # a tuple: datasets would shard a list into one job per item
         fingerprint=fingerprint,
     )
+    # Where the rows came from, for later errors (select/map/filter keep a dataset's info).
+    response = (
+        f"the response column {config.response_column!r} (response_column)"
+        if kind == "columns"
+        else f"the final assistant turn of each {kind!r} list"
+    )
+    dataset.info.description = _SOURCE_TAG + json.dumps({"file": path, "response": response})
+    return dataset
+
+
+_SOURCE_TAG = "ptuning_v2.data source: "
+
+
+def _source(dataset: datasets.Dataset) -> dict[str, str]:
+    """The file and response field ``load_conversations`` recorded for ``dataset`` ({} when unknown)."""
+    description = getattr(dataset.info, "description", None) or ""
+    if not description.startswith(_SOURCE_TAG):
+        return {}
+    try:
+        return json.loads(description[len(_SOURCE_TAG) :])
+    except json.JSONDecodeError:
+        return {}
+
+
+def _decode_utf8(path: str, raw: bytes) -> str:
+    """The file's text; a file that is not UTF-8 is reported with its line and column, and a likely encoding."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError(
+            f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8, e.g. "
+            f"iconv -f UTF-16 -t UTF-8 {path} > fixed.jsonl"
+        )
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = bom + err.start
+        line = raw.count(b"\n", 0, offset) + 1
+        line_start = max(raw.rfind(b"\n", 0, offset) + 1, bom)
+        # Everything before the first bad byte is valid UTF-8, so the column counts characters.
+        column = len(raw[line_start:offset].decode("utf-8")) + 1
+        hint = ""
+        for encoding in ("gb18030", "big5"):
+            try:
+                raw[bom:].decode(encoding)
+            except UnicodeDecodeError:
+                continue
+            hint = (
+                f"; it decodes as {encoding.upper()}, so it was probably saved in that encoding: convert it with "
+                f"iconv -f {encoding.upper()} -t UTF-8 {path} > fixed.jsonl"
+            )
+            break
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text: invalid byte 0x{raw[offset]:02x} at line {line}, column {column} "
+            f"(byte offset {offset}){hint or '; save the file as UTF-8'}"
+        ) from err
 
 
 def _yield_records(records: tuple[dict, ...]) -> Iterator[dict]:
@@ -139,12 +194,18 @@ def _module_digest() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
-def _normalised_records(path: str, text: str, config: DataConfig) -> Iterator[dict]:
-    parse = _iter_json_array if path.endswith(".json") and text.lstrip().startswith("[") else _iter_json_lines
+def _normalised_records(path: str, text: str, config: DataConfig) -> tuple[tuple[dict, ...], str | None]:
+    """Every record as ``{"messages": [...]}``, and the format detected from the first one."""
+    # A file that starts with "[" is one JSON list of rows, whatever its extension says.
+    parse = _iter_json_array if text.lstrip().startswith("[") else _iter_json_lines
     kind = None
+    records = []
     for location, obj in parse(path, text):
         if not isinstance(obj, dict):
-            raise ValueError(f"{location}: expected a JSON object, got {type(obj).__name__}")
+            raise ValueError(
+                f"{location}: expected a JSON object (one row), got {type(obj).__name__}: "
+                f"{json.dumps(obj, ensure_ascii=False)[:80]}"
+            )
         if kind is None:
             kind = (
                 "messages" if "messages" in obj else "conversations" if "conversations" in obj else "columns"
@@ -154,7 +215,8 @@ def _normalised_records(path: str, text: str, config: DataConfig) -> Iterator[di
         else:
             messages = _turns_to_messages(_require(obj, kind, location), location, kind)
         _check_conversation(messages, location)
-        yield {"messages": _with_prefix(messages, config.source_prefix)}
+        records.append({"messages": _with_prefix(messages, config.source_prefix)})
+    return tuple(records), kind
 
 
 def _iter_json_lines(path: str, text: str) -> Iterator[tuple[str, Any]]:
@@ -163,9 +225,37 @@ def _iter_json_lines(path: str, text: str) -> Iterator[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            yield f"{path}:{lineno}", json.loads(line)
+            obj = json.loads(line)
         except json.JSONDecodeError as err:
+            _check_multiline_object(path, text, lineno)
             raise ValueError(f"{path}:{lineno}: malformed JSON: {err.msg} (column {err.colno})") from err
+        yield f"{path}:{lineno}", obj
+
+
+def _check_multiline_object(path: str, text: str, lineno: int) -> None:
+    """Explain a file that is one pretty-printed JSON object rather than JSON lines."""
+    if lineno != 1 and text[: text.find("\n")].strip():
+        return
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if not isinstance(whole, dict):
+        return
+    lists = [
+        key
+        for key, value in whole.items()
+        if isinstance(value, list) and value and isinstance(value[0], dict)
+    ]
+    hint = (
+        f"; its field {lists[0]!r} holds a list of {len(whole[lists[0]])} objects: save that list alone"
+        if lists
+        else ""
+    )
+    raise ValueError(
+        f"{path}:1: the file is a single JSON object spread over {text.count(chr(10)) + 1} lines; expected JSON "
+        f"lines (one object per line) or a JSON list of objects{hint}"
+    )
 
 
 def _iter_json_array(path: str, text: str) -> Iterator[tuple[str, Any]]:
@@ -194,9 +284,10 @@ def _iter_json_array(path: str, text: str) -> Iterator[tuple[str, Any]]:
         raise ValueError(f"{path}:{lineno}: malformed JSON: extra data after the top-level list")
 
 
-def _require(obj: dict, column: str, location: str) -> Any:
+def _require(obj: dict, column: str, location: str, setting: str | None = None) -> Any:
     if column not in obj:
-        raise ValueError(f"{location}: missing column {column!r}; available columns: {list(obj)}")
+        named_by = f" (named by the {setting} setting)" if setting else ""
+        raise ValueError(f"{location}: missing column {column!r}{named_by}; available columns: {list(obj)}")
     return obj[column]
 
 
@@ -207,11 +298,13 @@ def _require_str(value: Any, field: str, location: str) -> str:
 
 
 def _columns_to_messages(obj: dict, location: str, config: DataConfig) -> list[dict]:
-    query = _require_str(_require(obj, config.prompt_column, location), config.prompt_column, location)
-    answer = _require_str(_require(obj, config.response_column, location), config.response_column, location)
+    prompt = _require(obj, config.prompt_column, location, "prompt_column")
+    query = _require_str(prompt, config.prompt_column, location)
+    response = _require(obj, config.response_column, location, "response_column")
+    answer = _require_str(response, config.response_column, location)
     messages = []
     if config.history_column is not None:
-        history = _require(obj, config.history_column, location)
+        history = _require(obj, config.history_column, location, "history_column")
         for old_query, old_answer in _history_pairs(history, config.history_column, location):
             messages += [{"role": "user", "content": old_query}, {"role": "assistant", "content": old_answer}]
     return messages + [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
@@ -298,7 +391,13 @@ def tokenize_for_training(
         dropped_empty=sum(mapped["empty_response"]),
     )
     if stats.kept == 0:
-        raise ValueError(f"every example was dropped for an empty response ({stats.summary()})")
+        source = _source(dataset)
+        where = f"{source['file']}: " if source.get("file") else ""
+        field = source.get("response") or "the final assistant turn"
+        raise ValueError(
+            f"{where}every example was dropped for an empty response: {field} is empty or blank in all "
+            f"{stats.examples} examples; is that the field holding the answers? ({stats.summary()})"
+        )
     kept = mapped.filter(_is_kept, input_columns="empty_response", desc="dropping empty responses")
     return kept.remove_columns(_FLAG_COLUMNS), stats
 
@@ -311,13 +410,23 @@ def tokenize_for_generation(
     Unpadded; empty references are kept, since evaluation should see every example.
     """
     _check_inputs(dataset, config)
-    return dataset.map(
+    mapped = dataset.map(
         _tokenize_generation_example,
         fn_kwargs=_tokenize_kwargs(tokenizer, config),
         remove_columns=dataset.column_names,
         features=_GENERATION_FEATURES,
         desc="tokenizing for generation",
     )
+    if len(mapped) and not any(text.strip() for text in mapped["label_text"]):
+        source = _source(dataset)
+        _LOG.warning(
+            "%severy reference is empty: %s is empty or blank in all %d examples, so reference-based "
+            "metrics will all be 0",
+            f"{source['file']}: " if source.get("file") else "",
+            source.get("response") or "the final assistant turn",
+            len(mapped),
+        )
+    return mapped
 
 
 def generation_prompt_ids(

@@ -191,7 +191,10 @@ def _parse_line(raw: bytes, where: str) -> tuple[str, str]:
     for key in ("labels", "predict"):
         if key not in record:
             present = ", ".join(repr(k) for k in record) or "none"
-            raise ValueError(f"{where}: missing key {key!r} (keys present: {present})")
+            raise ValueError(
+                f"{where}: missing key {key!r} (keys present: {present}); a predictions file holds one "
+                '{"labels": ..., "predict": ...} object a line, as generated_predictions.txt does'
+            )
         if not isinstance(record[key], str):
             raise ValueError(f"{where}: {key!r} must be a string, got {_json_type(record[key])}")
     return record["predict"], record["labels"]

@@ -189,8 +189,10 @@ def test_cli_two_files_side_by_side(tmp_path):
         tmp_path / "run1" / "generated_predictions.txt", [(SENTENCE, SENTENCE), ("", SENTENCE)]
     )
     second = write_jsonl(tmp_path / "run2" / "generated_predictions.txt", [("正面", "正面")])
-    result = run_cli("--predictions", str(first), str(second))
+    # Different test sets (2 pairs vs 1) are refused unless asked for; see tests/test_bad_input_files.py.
+    result = run_cli("--predictions", str(first), str(second), "--allow-different-sets")
     assert result.returncode == 0, result.stderr
+    assert "holds 2 pairs but" in result.stderr
     lines = result.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
     assert {k: summary[k] for k in KEYS} == dict.fromkeys(KEYS, 50.0)
