@@ -21,12 +21,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import MethodType
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from .compat import cache_argument, pop_cache
 from .prefix_encoder import PrefixConfig, PrefixEncoder, kv_shape_from_config
@@ -92,10 +93,22 @@ def _as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     return merged
 
 
+# Families whose decoder loop hands every layer `None` for the cache when training under gradient
+# checkpointing (GPT-2's `cache if not (self.gradient_checkpointing and self.training) else None`): the prefix
+# would never reach a layer, and the extended mask would not match the keys.
+CACHE_DROPPED_UNDER_CHECKPOINTING = frozenset({"gpt2", "gpt-sw3", "decision_transformer"})
+
+
 def _check_checkpointing(model: nn.Module) -> None:
     layer = next(iter(model._prefix_checkpoint_layers), None)
     if layer is None or not layer.gradient_checkpointing:
         return
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in CACHE_DROPPED_UNDER_CHECKPOINTING:
+        raise ValueError(
+            f"{type(model).__name__} ({model_type!r}) drops its cache when training under gradient "
+            "checkpointing, so the prefix would not reach its layers; train it without gradient checkpointing"
+        )
     func = getattr(layer, "_gradient_checkpointing_func", None)
     if getattr(func, "keywords", {}).get("use_reentrant", False):
         raise ValueError(
@@ -190,6 +203,81 @@ def trainable_head(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+# Cache layer types (transformers' `layer_types`) that hold each past token's keys and values: the only kind a
+# prefix can be written into.
+KEY_VALUE_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+# What the other kinds hold instead, for the refusal message.
+_OTHER_LAYER_TYPES = {
+    "linear_attention": "a recurrent state (state-space or linear attention)",
+    "conv": "a convolution state",
+    "hybrid": "a recurrent state beside their keys",
+    "hybrid_sliding": "a recurrent state beside their keys",
+    "dummy": "nothing of their own: they read another layer's cache",
+    "indexed_attention": "indexed, compressed keys",
+}
+# Families whose forward takes no position_ids but whose ALiBi counts positions over the attention mask.
+# Checked: the prefix then acts as PEFT's, and a left-padded batch generates what each prompt generates alone.
+POSITIONS_FROM_MASK = frozenset({"bloom"})
+
+
+def _why_no_prefix(model: nn.Module, cache_name: str | None, config: PrefixConfig) -> str | None:
+    """Why ``model`` cannot carry a prefix, or None. Its geometry is checked by ``kv_shape_from_config``."""
+    if cache_name is None:  # RWKV, XLNet, Reformer, OpenAI GPT; Mamba before transformers 5.24
+        return "its forward takes no key/value cache (neither `cache` nor `past_key_values`)"
+    model_config = model.config
+    if hasattr(model_config, "get_text_config"):
+        model_config = model_config.get_text_config(decoder=True)
+    model_type = getattr(model_config, "model_type", None)
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        # BERT, RoBERTa, XLM, BART, ...: an encoder (or encoder-decoder) run left to right. It attends both
+        # ways unless is_decoder=True; RoBERTa-style ones number positions from padding_idx + 1; some keep an
+        # EncoderDecoderCache. The prefix's mask, positions and cache are those of a decoder-only LM.
+        return (
+            f"{model_type!r} is an encoder family (transformers also has a masked-LM head for it), "
+            "not a decoder-only LM"
+        )
+    annotation = inspect.signature(model.forward).parameters[cache_name].annotation
+    for cache_class in get_args(annotation) or (annotation,):
+        if isinstance(cache_class, type) and cache_class.__name__.endswith("Cache"):
+            if not issubclass(cache_class, Cache):  # xLSTM's xLSTMCache
+                return f"its cache is a {cache_class.__name__}, not a transformers per-layer key/value Cache"
+    try:
+        layer_types, _ = get_layer_types_and_kwargs(model_config)
+    except (AttributeError, TypeError, ValueError):  # no layer structure (ChatGLM's remote code): attention
+        layer_types = []
+    other = sorted({kind for kind in layer_types if kind not in KEY_VALUE_LAYER_TYPES})
+    if other:
+        held = "; ".join(
+            f"{kind!r} layers hold {_OTHER_LAYER_TYPES.get(kind, 'compressed keys')}" for kind in other
+        )
+        return f"{held}, not each token's keys and values; a prefix needs key/value attention in every layer"
+    if (getattr(model_config, "n_recurrent_loops", None) or 1) > 1:
+        # Dory: the recurrent block runs n_recurrent_loops times, each loop on its own copies of its layers'
+        # caches.
+        return (
+            f"its recurrent block runs {model_config.n_recurrent_loops} times over copies of its cache "
+            "layers, so the cache does not have one key/value layer per decoder layer"
+        )
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    if not takes_positions and model_type not in POSITIONS_FROM_MASK:
+        # The model numbers positions itself by cache slot (MPT's ALiBi; the position embeddings of TrOCR,
+        # Whisper, Pegasus, ... decoders), left padding included, and the hook's position_ids go nowhere.
+        return (
+            "its forward takes no position_ids and it numbers positions by cache slot, so left padding would "
+            "sit between the prefix and the tokens and shift them"
+        )
+    if (
+        not takes_positions or getattr(model_config, "alibi", False)
+    ) and config.position_convention != "peft":
+        # Bloom, and Falcon with alibi=True: ALiBi counts the attention mask and ignores position_ids, so real
+        # tokens follow the prefix as in PEFT however a row is padded; they cannot start at 0.
+        return (
+            "its ALiBi positions come from the attention mask, not position_ids: real tokens always follow "
+            "the prefix as in PEFT; use PrefixConfig(position_convention='peft')"
+        )
+    return None
+
+
 def attach_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
     """Freeze ``model`` and attach a trainable prefix; returns the same model object, now prefix-aware.
 
@@ -199,12 +287,10 @@ def attach_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
     if hasattr(model, "prefix_encoder"):
         raise ValueError("this model already has a prefix attached")
     cache_name = cache_argument(model)
-    if cache_name is None:
-        raise TypeError(
-            f"{type(model).__name__}.forward takes no key/value cache (neither `cache` nor `past_key_values`), "
-            "so it cannot carry a prefix"
-        )
-    kv_shape = kv_shape_from_config(model.config)
+    refusal = _why_no_prefix(model, cache_name, config)
+    if refusal is not None:
+        raise TypeError(f"{type(model).__name__} cannot carry a prefix: {refusal}")
+    kv_shape = kv_shape_from_config(model.config)  # refuses geometries one table cannot hold
     model.requires_grad_(False)
     for head in trainable_head(model).values():
         head.requires_grad_(True)
