@@ -15,6 +15,7 @@ import torch
 from transformers import TextStreamer
 
 from .data import generation_prompt_ids
+from .evaluate import parse_bool
 from .generation import GenerationSettings, generate_kwargs
 from .loading import load_model, load_tokenizer
 
@@ -47,7 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--system", default=None, help="a system message for the conversation")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument(
-        "--do_sample", action="store_true", help="sample (official top_p 0.7, temperature 0.95)"
+        "--do_sample",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="sample (official top_p 0.7, temperature 0.95); alone, or with true/false",
     )
     parser.add_argument("--top_p", type=float, default=0.7)
     parser.add_argument("--temperature", type=float, default=0.95)
@@ -84,6 +90,6 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: missing files, Hub/loading errors
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

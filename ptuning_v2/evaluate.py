@@ -15,7 +15,24 @@ from pathlib import Path
 
 from .data import DataConfig, load_conversations, tokenize_for_generation
 from .generation import GenerationSettings, generate_texts, write_predictions
-from .loading import load_model, load_tokenizer
+from .loading import check_model_path, load_model, load_tokenizer, quantization_config, resolve_dtype
+
+BOOLEAN_WORDS = {
+    **dict.fromkeys(("1", "true", "yes", "on", "y", "t"), True),
+    **dict.fromkeys(("0", "false", "no", "off", "n", "f"), False),
+}
+
+
+def parse_bool(value: str | bool) -> bool:
+    """A boolean flag's value: true/false, 1/0, yes/no, on/off in any case (train, evaluate and chat alike)."""
+    if isinstance(value, bool):
+        return value
+    try:
+        return BOOLEAN_WORDS[str(value).strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"expected true or false (also 1/0, yes/no, on/off), got {value!r}"
+        ) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,7 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--quantization_bit", default=None)
     parser.add_argument("--torch_dtype", default=None)
-    parser.add_argument("--do_sample", action="store_true", help="sample with the official top_p/temperature")
+    parser.add_argument(
+        "--do_sample",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="sample with the official top_p/temperature (alone, or with true/false)",
+    )
     parser.add_argument("--top_p", type=float, default=0.7)
     parser.add_argument("--temperature", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=42)
@@ -39,7 +63,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--response_column", default="summary")
     parser.add_argument("--history_column", default=None)
     parser.add_argument("--max_source_length", type=int, default=256)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    problems = settings_problems(args)
+    if problems:
+        parser.exit(2, "".join(f"error: {problem}\n" for problem in problems))
+    return args
+
+
+def settings_problems(args: argparse.Namespace) -> list[str]:
+    """Everything wrong with the settings, found before anything is loaded, each naming its flag and value."""
+    problems = []
+    for flag in ("batch_size", "max_new_tokens", "max_source_length", "max_samples"):
+        value = getattr(args, flag)
+        if flag == "max_samples" and value is None:
+            continue
+        if value < 1:
+            problems.append(f"--{flag} {value}: must be a positive number")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top_p {args.top_p}: must be in (0, 1]")
+    if args.temperature <= 0:
+        problems.append(f"--temperature {args.temperature}: must be above 0")
+    if Path(args.test_file).is_dir():
+        problems.append(f"--test_file {args.test_file!r} is a directory, not a data file")
+    elif not Path(args.test_file).is_file():
+        problems.append(f"--test_file {args.test_file!r} does not exist")
+    if args.checkpoint and not Path(args.checkpoint).exists():
+        problems.append(f"--checkpoint {args.checkpoint!r} does not exist")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        problems.append(f"--output_dir {args.output_dir!r} is a file, not a directory")
+    checks = (
+        (check_model_path, "model", args.model),
+        (lambda v: quantization_config(v, resolve_dtype(None)), "quantization_bit", args.quantization_bit),
+        (resolve_dtype, "torch_dtype", args.torch_dtype),
+    )
+    for check, flag, value in checks:
+        try:
+            check(value)
+        except (ValueError, FileNotFoundError) as err:
+            problems.append(f"--{flag}: {err}")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -79,6 +141,6 @@ def main(argv: list[str] | None = None) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: missing files, Hub/loading errors
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -55,6 +55,24 @@ def _device_map() -> dict[str, Any]:
     return {"": "cpu"}
 
 
+def check_model_path(model_name_or_path: str) -> None:
+    """Fail with the path's name when a local model directory is missing, not later as a malformed Hub repo id.
+
+    A name that can only be a path (absolute, ``./``/``~``, or with more than one ``/``) must exist; so must any
+    name under ``HF_HUB_OFFLINE=1``. A bare Hub id (``org/name``) is left to the Hub when online.
+    """
+    path = Path(model_name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"model {model_name_or_path!r} is a file, not a model directory")
+        return
+    name = str(model_name_or_path)
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name:
+        raise FileNotFoundError(f"model directory {name!r} does not exist")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"model {name!r} is not a local directory (and HF_HUB_OFFLINE=1)")
+
+
 def _is_chatglm(path: str) -> bool:
     if not Path(path).is_dir():
         return False
@@ -77,6 +95,7 @@ def load_model(
     ``model_name_or_path`` may be a transformers-native directory or a THUDM original-layout ChatGLM2/3 directory
     (converted in memory to the native ``glm`` model). ``ptuning_checkpoint`` may be ours, official or PEFT.
     """
+    check_model_path(model_name_or_path)
     dtype = resolve_dtype(torch_dtype)
     quant = quantization_config(quantization_bit, dtype)
     if _is_chatglm(model_name_or_path):
@@ -84,10 +103,6 @@ def load_model(
 
         model, _ = load_chatglm_as_glm(model_name_or_path, torch_dtype=dtype, quantization_config=quant)
     else:
-        if not Path(model_name_or_path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FileNotFoundError(
-                f"model {model_name_or_path!r} is not a local directory (and HF_HUB_OFFLINE=1)"
-            )
         kwargs: dict[str, Any] = {"dtype": dtype, **model_kwargs}
         if quant is not None:
             kwargs.update(quantization_config=quant, device_map=_device_map())
@@ -104,6 +119,7 @@ def load_model(
 
 def load_tokenizer(model_name_or_path: str) -> PreTrainedTokenizerBase:
     """The model's tokenizer, left-padded for batched generation; ChatGLM2/3 originals without remote code."""
+    check_model_path(model_name_or_path)
     if _is_chatglm(model_name_or_path) and (Path(model_name_or_path) / "tokenizer.model").is_file():
         from .tokenization import build_chatglm_tokenizer
 

@@ -30,15 +30,30 @@ RESPONSE_COLUMN=${RESPONSE_COLUMN:-summary}
 
 prepare_bundled_data "$TEST_FILE"
 
+# Every setting is checked before generation starts, also the scorer's (TASK, BLEU), which runs after it.
+for key in BATCH_SIZE MAX_NEW_TOKENS MAX_SOURCE_LENGTH; do
+  check_int "$key" 1
+done
+check_int SEED 0
+[[ -n "$MAX_SAMPLES" ]] && check_int MAX_SAMPLES 1
+check_number TOP_P 0 1
+check_number TEMPERATURE 0 ""
+check_bool DO_SAMPLE
+check_choice QUANTIZATION_BIT none 4 8
+check_choice TASK auto ner sentiment none
+check_choice BLEU chars words
+check_file TEST_FILE
+[[ -z "$CHECKPOINT" || -e "$CHECKPOINT" ]] || fail "CHECKPOINT=$CHECKPOINT: no such prefix checkpoint"
+[[ ! -e "$OUTPUT_DIR" || -d "$OUTPUT_DIR" ]] || fail "OUTPUT_DIR=$OUTPUT_DIR is a file, not a directory"
+
 ARGS=(
   --model "$MODEL" --test_file "$TEST_FILE" --output_dir "$OUTPUT_DIR" --batch_size "$BATCH_SIZE"
   --max_new_tokens "$MAX_NEW_TOKENS" --max_source_length "$MAX_SOURCE_LENGTH" --quantization_bit "$QUANTIZATION_BIT"
-  --top_p "$TOP_P" --temperature "$TEMPERATURE" --seed "$SEED"
+  --top_p "$TOP_P" --temperature "$TEMPERATURE" --seed "$SEED" --do_sample "$DO_SAMPLE"
   --prompt_column "$PROMPT_COLUMN" --response_column "$RESPONSE_COLUMN"
 )
 [[ -n "$CHECKPOINT" ]] && ARGS+=(--checkpoint "$CHECKPOINT")
 [[ -n "$MAX_SAMPLES" ]] && ARGS+=(--max_samples "$MAX_SAMPLES")
-[[ "$DO_SAMPLE" == "true" ]] && ARGS+=(--do_sample)
 
 CMD=(python -m ptuning_v2.evaluate "${ARGS[@]}" "${PASSTHROUGH[@]}")
 echo "+ ${CMD[*]}"

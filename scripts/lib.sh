@@ -27,3 +27,53 @@ prepare_bundled_data() {
     python data/prepare.py
   fi
 }
+
+# Checks of the settings, before anything runs: one "error:" line naming the setting and its value, exit 2.
+fail() {
+  echo "error: $*" >&2
+  exit 2
+}
+
+# check_int NAME MIN: a whole number >= MIN.
+check_int() {
+  local name=$1 min=$2 value=${!1}
+  [[ "$value" =~ ^[0-9]+$ ]] && ((10#$value >= min)) || fail "$name must be a whole number >= $min, got '$value'"
+  printf -v "$name" '%s' "$((10#$value))"
+}
+
+# check_number NAME LOW HIGH: a decimal number with LOW < value <= HIGH ("" for no bound), e.g. LR, TOP_P.
+check_number() {
+  local name=$1 low=$2 high=$3 value=${!1}
+  local rule="a number${low:+ above $low}${high:+ and at most $high}"
+  [[ "$value" =~ ^[+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] || fail "$name must be $rule, got '$value'"
+  awk -v v="$value" -v lo="$low" -v hi="$high" 'BEGIN { exit !((lo == "" || v > lo + 0) && (hi == "" || v <= hi + 0)) }' \
+    || fail "$name must be $rule, got '$value'"
+}
+
+# check_bool NAME: true/false, 1/0, yes/no, on/off in any case; rewritten to true or false.
+check_bool() {
+  local name=$1 value=${!1}
+  case "${value,,}" in
+    1 | true | yes | on | y | t) printf -v "$name" true ;;
+    0 | false | no | off | n | f) printf -v "$name" false ;;
+    *) fail "$name must be true or false (also 1/0, yes/no, on/off), got '$value'" ;;
+  esac
+}
+
+# check_choice NAME CHOICE...: one of the choices (case-insensitive; rewritten to the choice's spelling).
+check_choice() {
+  local name=$1 value=${!1} choice
+  shift
+  for choice in "$@"; do
+    [[ "${value,,}" == "${choice,,}" ]] && printf -v "$name" '%s' "$choice" && return 0
+  done
+  fail "$name must be one of: $*; got '$value'"
+}
+
+# check_file NAME [optional]: an existing file (an empty value passes when optional).
+check_file() {
+  local name=$1 value=${!1}
+  [[ -z "$value" && "${2:-}" == optional ]] && return 0
+  [[ -d "$value" ]] && fail "$name=$value is a directory, not a file"
+  [[ -f "$value" ]] || fail "$name=$value: no such file"
+}

@@ -3,12 +3,13 @@
 #   bash scripts/train_pt2.sh                         # the main job: tiny GLM on bundled NER, before/after table
 #   bash scripts/train_pt2.sh PRE_SEQ_LEN=128 LR=2e-2 MODEL=/models/chatglm3-6b QUANTIZATION_BIT=4 ...
 #   NUM_GPUS=2 DS_CONFIG=ds_configs/zero2.json bash scripts/train_pt2.sh ...   (KEY=VALUE may also come from the env)
+#   An OUTPUT_DIR that holds an earlier run is refused: RESUME=true continues it, OVERWRITE=true moves it aside.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 KEYS="MODEL TRAIN_FILE VALIDATION_FILE TEST_FILE OUTPUT_DIR PRE_SEQ_LEN PREFIX_PROJECTION METHOD LR MAX_STEPS SAVE_STEPS
 BATCH_SIZE GRAD_ACCUM EVAL_BATCH_SIZE MAX_SOURCE_LENGTH MAX_TARGET_LENGTH MAX_NEW_TOKENS QUANTIZATION_BIT NUM_GPUS DS_CONFIG
-HOSTFILE MASTER_PORT RESUME SEED PROMPT_COLUMN RESPONSE_COLUMN HISTORY_COLUMN MAX_EVAL_SAMPLES COMPARE_WITH_BASE
+HOSTFILE MASTER_PORT RESUME OVERWRITE SEED PROMPT_COLUMN RESPONSE_COLUMN HISTORY_COLUMN MAX_EVAL_SAMPLES COMPARE_WITH_BASE
 PREFIX_DROPOUT LOGGING_STEPS"
 source scripts/lib.sh
 parse_overrides "$KEYS" "$@"
@@ -36,6 +37,7 @@ DS_CONFIG=${DS_CONFIG:-}
 HOSTFILE=${HOSTFILE:-}
 MASTER_PORT=${MASTER_PORT:-29517}
 RESUME=${RESUME:-}
+OVERWRITE=${OVERWRITE:-false}
 SEED=${SEED:-42}
 PROMPT_COLUMN=${PROMPT_COLUMN:-content}
 RESPONSE_COLUMN=${RESPONSE_COLUMN:-summary}
@@ -48,6 +50,31 @@ OUTPUT_DIR=${OUTPUT_DIR:-output/$(basename "$(dirname "$TRAIN_FILE")")-${METHOD}
 
 prepare_bundled_data "$TRAIN_FILE"
 
+# Every setting is checked here, before anything runs (Python checks the rest, also before loading anything).
+for key in PRE_SEQ_LEN MAX_STEPS SAVE_STEPS BATCH_SIZE GRAD_ACCUM EVAL_BATCH_SIZE MAX_SOURCE_LENGTH MAX_TARGET_LENGTH \
+  MAX_NEW_TOKENS NUM_GPUS MASTER_PORT LOGGING_STEPS; do
+  check_int "$key" 1
+done
+check_int SEED 0
+[[ -n "$MAX_EVAL_SAMPLES" ]] && check_int MAX_EVAL_SAMPLES 1
+check_number LR 0 ""
+check_number PREFIX_DROPOUT "" ""
+for key in PREFIX_PROJECTION COMPARE_WITH_BASE OVERWRITE; do
+  check_bool "$key"
+done
+check_choice METHOD ptuning_v2 prefix_tuning
+check_choice QUANTIZATION_BIT none 4 8
+check_file TRAIN_FILE
+check_file VALIDATION_FILE optional
+check_file TEST_FILE optional
+check_file DS_CONFIG optional
+check_file HOSTFILE optional
+case "${RESUME,,}" in
+  "" | 0 | false | no | off | n | f | none) RESUME= ;;
+  1 | true | yes | on | y | t | latest) RESUME=true ;;
+  *) [[ -d "$RESUME" ]] || fail "RESUME=$RESUME: no such checkpoint directory (RESUME=true resumes the latest in OUTPUT_DIR)" ;;
+esac
+
 ARGS=(
   --model_name_or_path "$MODEL" --train_file "$TRAIN_FILE" --output_dir "$OUTPUT_DIR"
   --method "$METHOD" --pre_seq_len "$PRE_SEQ_LEN" --prefix_projection "$PREFIX_PROJECTION"
@@ -58,6 +85,7 @@ ARGS=(
   --per_device_train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM"
   --per_device_eval_batch_size "$EVAL_BATCH_SIZE" --seed "$SEED" --do_train
   --report_to tensorboard --logging_first_step true --save_total_limit 3 --dataloader_num_workers 0
+  --overwrite_output_dir "$OVERWRITE"
 )
 [[ -n "$HISTORY_COLUMN" ]] && ARGS+=(--history_column "$HISTORY_COLUMN")
 if [[ -n "$VALIDATION_FILE" ]]; then
