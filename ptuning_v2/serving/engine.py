@@ -256,8 +256,9 @@ class Engine:
         self.device = model.get_input_embeddings().weight.device
         self._cache_argument = cache_argument(model)
         self._keep_last = "logits_to_keep" in _forward_parameters(model)
-        # Counters for tests and benchmarks: prefill forwards, decoding steps, the most rows decoded together.
-        self.stats = {"prefills": 0, "steps": 0, "max_rows": 0}
+        # For tests, benchmarks and /health: prefill forwards, decoding steps, the most rows decoded together,
+        # the rows being decoded now, requests cancelled.
+        self.stats = {"prefills": 0, "steps": 0, "max_rows": 0, "running": 0, "cancelled": 0}
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._closed = threading.Event()
         self._worker = threading.Thread(target=self._run, name="ptuning-v2-engine", daemon=True)
@@ -399,6 +400,7 @@ class Engine:
                         batch = _Batch.merge(batch, self._prefill(live))
                     if batch is not None:
                         batch = self._step(batch)
+                self.stats["running"] = batch.size if batch else 0
             except (
                 Exception
             ) as err:  # an error in one batch (out of memory...) fails its requests, not the engine
@@ -406,6 +408,7 @@ class Engine:
                     if request.out.finish_reason is None:
                         request.out.fail(RuntimeError(f"generation failed: {type(err).__name__}: {err}"))
                 batch = None
+                self.stats["running"] = 0
 
     def _take(self, block: bool, room: int) -> list[_Request]:
         """Requests waiting now (up to ``room``); when idle, block for the first and wait ``batch_wait`` for more."""
@@ -552,6 +555,8 @@ class Engine:
             cut = _first_stop(text, request.params.stop)
             text = text if cut is None else text[:cut]
         self._emit(request, text.rstrip())
+        if reason == "cancelled":
+            self.stats["cancelled"] += 1
         request.out.finish(reason, request.tokens)
         return True
 
