@@ -114,7 +114,7 @@ def _check_checkpointing(model: nn.Module) -> None:
         raise ValueError(
             "gradient checkpointing with use_reentrant=True cannot carry gradients to the prefix (it reaches the "
             "layers inside the cache, not as a tensor argument); enable it with "
-            "gradient_checkpointing_kwargs={'use_reentrant': False}"
+            "activation_checkpointing_kwargs={'use_reentrant': False}"
         )
 
 

@@ -34,6 +34,7 @@ for name in ("torch", "transformers", "peft", "deepspeed", "accelerate", "datase
              "safetensors", "tokenizers", "huggingface_hub"):
     print(f"  {name}=={version(name)}")
 PY
+export PATH="$VENV/bin:$PATH" VIRTUAL_ENV="$VENV"   # the scripts the tests run call `python`
 echo "== tests: $TESTS"
 set +e
 # shellcheck disable=SC2086

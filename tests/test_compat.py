@@ -56,7 +56,7 @@ def test_checkpointed_layers_can_keep_a_read_only_cache():
     # attach_prefix sets this on decoder layers; without it, checkpointing drops the prefix cache in training.
     assert hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
     model = tiny_model("glm")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     layer = next(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
     # attach._check_checkpointing reads use_reentrant from the partial the layer holds.
     assert layer._gradient_checkpointing_func.keywords.get("use_reentrant") is False

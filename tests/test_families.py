@@ -173,7 +173,7 @@ def test_gradient_checkpointing_matches_plain(family):
     for checkpointing in (False, True):
         model = prefixed(family)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         loss.backward()
@@ -187,12 +187,12 @@ def test_gradient_checkpointing_matches_plain(family):
 @pytest.mark.parametrize("family", sorted(CHECKPOINTING_REFUSED))
 def test_checkpointing_that_drops_the_cache_is_refused(family):
     model = prefixed(family)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ids = random_ids(2, 5)
     with pytest.raises(ValueError, match="drops its cache when training under gradient checkpointing"):
         model(input_ids=ids, labels=ids)
-    model.gradient_checkpointing_disable()  # without it, training works
+    model.activation_checkpointing_disable()  # without it, training works
     model(input_ids=ids, labels=ids).loss.backward()
     assert model.prefix_encoder.embedding.weight.grad.abs().sum() > 0
 

@@ -143,7 +143,7 @@ def test_gradient_checkpointing_matches_plain(kind, projection):
     for checkpointing in (False, True):
         model = prefixed(kind, projection)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         model.train()
         loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         loss.backward()
@@ -157,7 +157,7 @@ def test_gradient_checkpointing_matches_plain(kind, projection):
 
 def test_reentrant_checkpointing_is_refused():
     model = prefixed()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     model.train()
     with pytest.raises(ValueError, match="use_reentrant"):
         model(input_ids=random_ids(1, 4))
@@ -292,7 +292,8 @@ def test_our_calls_raise_no_deprecation_warning(kind):
     transformers_logger.addHandler(log)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # FutureWarning / DeprecationWarning from transformers fail the test
+            # A FutureWarning / DeprecationWarning from transformers fails the test.
+            warnings.simplefilter("error")
             with torch.no_grad():
                 first = model(input_ids=ids, use_cache=True)
                 model(input_ids=ids[:, -1:], use_cache=True, **{cache_argument(model): output_cache(first)})
@@ -301,6 +302,8 @@ def test_our_calls_raise_no_deprecation_warning(kind):
                 model.generate(input_ids=ids, do_sample=False, num_beams=2, **common)
                 model.generate(input_ids=ids, do_sample=True, top_p=0.7, **common)
             model.train()
+            model(input_ids=ids, labels=ids).loss.backward()
+            model.activation_checkpointing_enable()
             model(input_ids=ids, labels=ids).loss.backward()
     finally:
         transformers_logger.removeHandler(log)
