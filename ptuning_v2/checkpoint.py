@@ -172,23 +172,25 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; every problem (encoding, syntax, not an object) names the file."""
+def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict[str, Any]:
+    """A JSON object from ``path``; every problem (encoding, syntax, not an object) is an ``error`` naming the file."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise CheckpointError(
-            f"{path}: not UTF-8 text (byte {err.start}); is this really a JSON file?"
-        ) from err
+        raise error(f"{path}: not UTF-8 text (byte {err.start}); is this really a JSON file?") from err
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise CheckpointError(
+        raise error(
             f"{path}:{err.lineno}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
         ) from err
     if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {_json_type(value)}")
+        raise error(f"{path}: expected a JSON object, got {_json_type(value)}")
     return value
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return read_json_object(path, CheckpointError)
 
 
 def _positive_int(meta: dict[str, Any], key: str, where: str, required: bool = True) -> int | None:

@@ -35,9 +35,9 @@ from .chatglm import (
     chatglm_weight_files,
     parse_size,
     read_chatglm_config,
-    read_json,
     write_glm_checkpoint,
 )
+from .checkpoint import read_json_object
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PREFIX_SUBDIR = "ptuning_prefix"
@@ -45,18 +45,7 @@ _BACKBONE_PROBE = "transformer.embedding.word_embeddings.weight"
 
 
 def _read_json_file(path: Path) -> dict:
-    """A JSON object; bad encoding, bad syntax or another JSON type is an error naming the file."""
-    try:
-        value = read_json(path)
-    except UnicodeDecodeError as err:
-        raise ChatGLMConversionError(f"{path}: not UTF-8 text (byte {err.start})") from err
-    except json.JSONDecodeError as err:
-        raise ChatGLMConversionError(
-            f"{path}:{err.lineno}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
-        ) from err
-    if not isinstance(value, dict):
-        raise ChatGLMConversionError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+    return read_json_object(path, ChatGLMConversionError)
 
 
 def _file_keys(file: Path) -> set[str]:

@@ -556,7 +556,7 @@ def test_convert_sharded_source_with_a_truncated_shard(tmp_path):
     "config_text, fragments",
     [
         ('{"model_type": "chatglm",', ["config.json:1: not valid JSON"]),
-        ("[]", ["config.json: expected a JSON object, got list"]),
+        ("[]", ["config.json: expected a JSON object, got array"]),
         (
             json.dumps({k: v for k, v in TINY_CHATGLM.items() if k != "padded_vocab_size"}),
             ["missing field 'padded_vocab_size'"],
