@@ -57,7 +57,8 @@ def test_loads_backbone_and_prefixes_of_every_format(engine):
 def test_mixed_batch_equals_each_request_alone(engine, singles):
     before = dict(engine.stats)
     # all 24 at once: two prefix lengths, PEFT positions and the bare backbone in one batch
-    jobs = {key: engine.submit(engine.prompt_ids(user(key[0])), key[1], GREEDY) for key in singles}
+    prompts = {key: engine.prompt_ids(user(key[0])) for key in singles}  # tokenized first: submitted at once
+    jobs = {key: engine.submit(prompts[key], key[1], GREEDY) for key in singles}
     for key, generation in jobs.items():
         text = "".join(generation)
         assert generation.token_ids == singles[key].token_ids, key

@@ -35,7 +35,7 @@ from ..checkpoint import load_prefix_checkpoint, load_prefix_weights
 from ..compat import cache_argument, output_cache
 from ..data import ROLES, generation_prompt_ids
 from ..generation import stop_token_ids
-from ..loading import load_model, load_tokenizer
+from ..loading import load_model, load_tokenizer, quantization_config
 from ..prefix_encoder import KVShape, PrefixEncoder, kv_shape_from_config
 
 # generation_prompt_ids cuts long prompts to this many tokens; the engine wants them whole so that a prompt too
@@ -272,10 +272,19 @@ class Engine:
         quantization_bit: str | int | None = None,
         max_batch_size: int = 16,
         batch_wait_ms: float = 10.0,
+        device: str | None = None,
     ) -> Engine:
-        """Load the backbone once and every prefix checkpoint; a checkpoint that does not fit fails here."""
+        """Load the backbone once and every prefix checkpoint; a checkpoint that does not fit fails here.
+
+        ``device``: where an unquantised backbone runs; None picks the GPU when there is one (a quantised one
+        stays where bitsandbytes put it).
+        """
         tokenizer = load_tokenizer(model)
         backbone = load_model(model, None, quantization_bit)  # bare: the engine places the prefixes itself
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if quantization_config(quantization_bit, torch.float32) is None:
+            backbone.to(device)
         kv_shape = kv_shape_from_config(backbone.config)
         dtype = backbone.get_input_embeddings().weight.dtype
         device = backbone.get_input_embeddings().weight.device
