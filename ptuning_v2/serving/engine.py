@@ -410,9 +410,8 @@ class Engine:
                     if batch is not None:
                         batch = self._step(batch)
                 self.stats["running"] = batch.size if batch else 0
-            except (
-                Exception
-            ) as err:  # an error in one batch (out of memory...) fails its requests, not the engine
+            # An error in one batch (out of memory...) fails the requests in it, not the engine.
+            except Exception as err:
                 for request in live + (batch.rows if batch else []):
                     if request.out.finish_reason is None:
                         request.out.fail(RuntimeError(f"generation failed: {type(err).__name__}: {err}"))
