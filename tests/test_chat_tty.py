@@ -163,3 +163,28 @@ def reply(child: pexpect.spawn, query: str, prefix: str) -> str:
     text = clean(child.before)
     child.expect_exact(PROMPT)
     return text
+
+
+def test_which_prefixes_load(tmp_path, monkeypatch):
+    """The main job's prefix is the default on the embedded model only: it would not fit another backbone."""
+    from ptuning_v2 import chat
+    from ptuning_v2.serving import conversation
+
+    monkeypatch.setattr(conversation, "default_prefixes", lambda: {"ner": "output/ner-ptuning_v2-64-1e-1"})
+
+    def loaded(*argv: str) -> dict[str, str]:
+        return conversation.prefixes_from_args(chat.parse_args(list(argv)))
+
+    assert loaded() == {"ner": "output/ner-ptuning_v2-64-1e-1"}
+    assert loaded("--prefixes", "") == {}
+    assert loaded("--model", "/models/chatglm3-6b") == {}
+    assert loaded("--model", "/m", "--prefixes", "a=/x,b=/y") == {"a": "/x", "b": "/y"}
+    # --checkpoint alone loads just that one, named after its directory (THUDM's checkpoint-N: run-N)
+    assert loaded("--checkpoint", "/ckpt/adgen-pt-128/checkpoint-3000") == {
+        "adgen-pt-128-3000": "/ckpt/adgen-pt-128/checkpoint-3000"
+    }
+    assert loaded("--checkpoint", "/o/ner", "--prefixes", "b=/y") == {"ner": "/o/ner", "b": "/y"}
+    with pytest.raises(ValueError, match="named 'ner'"):
+        loaded("--checkpoint", "/o/ner", "--prefixes", "ner=/y")
+    with pytest.raises(ValueError, match="bare backbone"):
+        loaded("--prefixes", "none=/y")
