@@ -365,7 +365,10 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     args = parse_args(argv)
-    prefixes = default_prefixes() if args.prefixes is None else parse_prefixes(args.prefixes)
+    if args.prefixes is not None:
+        prefixes = parse_prefixes(args.prefixes)
+    else:  # the main job trains on the embedded model; its prefix would not fit another backbone
+        prefixes = default_prefixes() if args.model == DEFAULT_MODEL else {}
     # The key comes from the environment, not argv, so it does not show in the process list.
     api_key = os.environ.get(API_KEY_ENV) or None
     engine = Engine.load(args.model, prefixes, args.quantization_bit, args.max_batch_size, args.batch_wait_ms)
