@@ -24,18 +24,16 @@ from tqdm import tqdm
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_tasks():
-    # Import tasks.py on its own: the package __init__ pulls in torch and transformers (seconds of startup)
-    # and this script needs only the answer format.
-    if "ptuning_v2.tasks" in sys.modules:
-        return sys.modules["ptuning_v2.tasks"]
-    spec = importlib.util.spec_from_file_location("_ptuning_v2_tasks", REPO_ROOT / "ptuning_v2" / "tasks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tasks = _load_tasks()
+try:
+    from ptuning_v2 import tasks
+except ModuleNotFoundError as err:
+    if err.name != "ptuning_v2":
+        raise
+    # ``python data/prepare.py`` puts data/ on sys.path, not the repository root: make the package this script
+    # ships with importable. (``python -m data.prepare`` from the root, or an installed package, needs nothing.)
+    # Importing ptuning_v2 costs no torch/transformers start-up: its __init__ loads names lazily.
+    sys.path.insert(0, str(REPO_ROOT))
+    from ptuning_v2 import tasks
 
 NER_INSTRUCTION = "找出句中的人名、地名和机构名："
 SENTIMENT_INSTRUCTION = "判断这条评论的情感是正面还是负面："

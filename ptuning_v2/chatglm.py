@@ -20,13 +20,14 @@ import gc
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
 
+from .files import atomic_directory, read_json_object
 from .quantization import prepare_4bit_for_cpu
 
 PREFIX_ENCODER_KEY = "transformer.prefix_encoder."
@@ -55,28 +56,23 @@ class ChatGLMConversionError(ValueError):
 # ----------------------------------------------------------------------------------------------- config
 
 
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def is_chatglm_checkpoint(path: str | os.PathLike) -> bool:
     """True when ``path`` is a directory whose config.json says ``model_type: "chatglm"``."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         return False
     try:
-        return read_json(config_file).get("model_type") == "chatglm"
-    except (OSError, json.JSONDecodeError):
+        return read_json_object(config_file).get("model_type") == "chatglm"
+    except (OSError, ValueError):
         return False
 
 
 def read_chatglm_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The source config.json as a dict; raises unless it is a ChatGLM config."""
+    """The source config.json as a dict; raises unless it is a ChatGLM config (bad JSON names the file)."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise ChatGLMConversionError(f"{config_file}: no config.json, so this is not a ChatGLM checkpoint")
-    config = read_json(config_file)
+    config = read_json_object(config_file, ChatGLMConversionError)
     if config.get("model_type") != "chatglm":
         raise ChatGLMConversionError(
             f"{config_file}: model_type is {config.get('model_type')!r}, expected 'chatglm' "
@@ -254,42 +250,131 @@ def _convert_key(name: str, tensor: torch.Tensor, config: Mapping[str, Any]) -> 
     return {f"{prefix}self_attn.{n}_proj.{kind}": t for n, t in zip("qkv", (q, k, v))}
 
 
-# ------------------------------------------------------------------------------------------- shards
+# ------------------------------------------------------------------------------------- weight files
+#
+# The one reader of checkpoint weight files (ChatGLM backbones, official ptuning prefixes, our prefixes, PEFT
+# adapters): which files a directory's weights are in, and the tensors of one file, selected by name. A file that
+# cannot be read is an error naming it.
 
-_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
-_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Looked for in this order: safetensors before PyTorch pickles (as transformers does), an index before a single file.
+WEIGHT_INDEX_FILES = {
+    "model.safetensors": "model.safetensors.index.json",
+    "pytorch_model.bin": "pytorch_model.bin.index.json",
+}
 
 
-def chatglm_weight_files(path: str | os.PathLike) -> list[Path]:
-    """The weight files of a checkpoint directory, in index order; raises naming any missing shard."""
-    root = Path(path)
-    for index_name in _INDEX_FILES:
+def find_weight_files(
+    directory: str | os.PathLike,
+    select: Callable[[str], bool] | None = None,
+    *,
+    required: bool = True,
+    error: type[Exception] = ChatGLMConversionError,
+) -> list[Path]:
+    """The weight files of a checkpoint directory: the shards its index lists (in index order), or the single file.
+
+    Looks for ``model.safetensors.index.json``, ``model.safetensors``, ``pytorch_model.bin.index.json`` and
+    ``pytorch_model.bin``, in that order. With an index and ``select``, only the shards holding a tensor whose name
+    ``select`` accepts. No weights at all: ``[]`` unless ``required``, which raises. A bad index, or a shard it
+    lists that is missing, raises ``error`` naming the index (and the shard).
+    """
+    root = Path(directory)
+    for single, index_name in WEIGHT_INDEX_FILES.items():
         index_file = root / index_name
         if index_file.is_file():
-            weight_map = read_json(index_file).get("weight_map", {})
-            shards = list(dict.fromkeys(weight_map.values()))
+            weight_map = read_json_object(index_file, error).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise error(
+                    f"{index_file}: field 'weight_map' must be an object mapping tensor names to file names"
+                )
+            shards = list(dict.fromkeys(f for k, f in weight_map.items() if select is None or select(k)))
             missing = [s for s in shards if not (root / s).is_file()]
             if missing:
-                raise ChatGLMConversionError(
-                    f"{index_file}: shard file(s) listed in the index are missing: {missing}"
-                )
+                raise error(f"{index_file}: shard file(s) listed in the index are missing: {missing}")
             return [root / s for s in shards]
-    for single in _SINGLE_FILES:
         if (root / single).is_file():
             return [root / single]
-    raise ChatGLMConversionError(
-        f"{root}: no weights found (looked for {', '.join(_INDEX_FILES + _SINGLE_FILES)})"
+    if not required:
+        return []
+    looked_for = [name for pair in WEIGHT_INDEX_FILES.items() for name in reversed(pair)]
+    raise error(f"{root}: no weights found (looked for {', '.join(looked_for)})")
+
+
+def _unreadable(file: Path, err: BaseException, error: type[Exception]) -> Exception:
+    first = (str(err).strip().splitlines() or [""])[0]
+    what = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    why = (
+        "it is truncated or corrupt (an interrupted copy or download?)"
+        if file.suffix == ".safetensors"
+        else "it is truncated or corrupt, or not a state dict saved with torch.save"
     )
+    return error(f"{file}: cannot read this weights file ({what}); {why}")
 
 
-def load_weight_file(file: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one .bin/.safetensors file; .bin is memory-mapped so untouched pages cost nothing."""
+def _torch_state(file: Path, error: type[Exception]) -> dict[Any, Any]:
+    try:
+        # Memory-mapped: tensors that are never touched cost no memory and no reading.
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # RuntimeError, UnpicklingError, EOFError... all mean a broken file
+        raise _unreadable(file, err, error) from err
+    if not isinstance(state, dict):
+        raise error(f"{file}: holds a {type(state).__name__}, not a state dict of named tensors")
+    return state
+
+
+def _check_exists(file: Path) -> None:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such weights file")
+
+
+def read_weight_keys(
+    file: str | os.PathLike, *, error: type[Exception] = ChatGLMConversionError
+) -> list[str]:
+    """The tensor names of one ``.safetensors`` (header only) or PyTorch file (memory-mapped, no tensor read)."""
+    file = Path(file)
+    _check_exists(file)
     if file.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                return list(f.keys())
+        except Exception as err:  # SafetensorError, OSError...
+            raise _unreadable(file, err, error) from err
+    return [str(k) for k in _torch_state(file, error)]
+
+
+def read_weight_file(
+    file: str | os.PathLike,
+    select: Callable[[str], bool] | None = None,
+    *,
+    error: type[Exception] = ChatGLMConversionError,
+) -> dict[str, torch.Tensor]:
+    """The tensors of one ``.safetensors`` or PyTorch (``.bin``, any other suffix) file whose name ``select`` accepts.
+
+    Only the selected tensors are read from a safetensors file; a PyTorch file is memory-mapped, so unselected
+    tensors cost nothing and selected ones are paged in on first use. Errors (``error``, or FileNotFoundError)
+    name the file: unreadable (truncated, corrupt, not a state dict) or a selected entry that is not a tensor.
+    """
+    file = Path(file)
+    _check_exists(file)
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+            names = list(handle.keys())
+        except Exception as err:  # SafetensorError, OSError...
+            raise _unreadable(file, err, error) from err
+        wanted = [k for k in names if select is None or select(k)]  # an error in select is not the file's
+        try:
+            return {k: handle.get_tensor(k) for k in wanted}
+        except Exception as err:
+            raise _unreadable(file, err, error) from err
+    state = {str(k): v for k, v in _torch_state(file, error).items() if select is None or select(str(k))}
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise error(f"{file}: {name!r} is a {type(value).__name__}, not a tensor")
+    return state
 
 
 def iter_converted_shards(
@@ -303,9 +388,9 @@ def iter_converted_shards(
     """
     config = chatglm_config if chatglm_config is not None else read_chatglm_config(path)
     expected = set(expected_chatglm_shapes(config))
-    files = chatglm_weight_files(path)
+    files = find_weight_files(path)
     for file in files:
-        source = load_weight_file(file)
+        source = read_weight_file(file)
         expected.difference_update(source)
         converted, prefix = convert_chatglm_state_dict(source, config, source=str(file), dtype=dtype)
         del source
@@ -404,7 +489,11 @@ def parse_size(size: str | int) -> int:
 
 
 class _ShardWriter:
-    """Accumulates tensors into safetensors shards of at most ``max_bytes`` (a lone bigger tensor gets its own)."""
+    """Accumulates tensors into safetensors shards of at most ``max_bytes`` (a lone bigger tensor gets its own).
+
+    Writes into a private directory (see :func:`write_glm_checkpoint`): shards get provisional names until
+    :meth:`close` knows how many there are.
+    """
 
     def __init__(self, out_dir: Path, max_bytes: int) -> None:
         self.out_dir, self.max_bytes = out_dir, max_bytes
@@ -429,7 +518,7 @@ class _ShardWriter:
 
         if not self.pending:
             return
-        file = self.out_dir / f"shard-{len(self.written):05d}.safetensors.tmp"
+        file = self.out_dir / f"part-{len(self.written):05d}.safetensors"
         save_file(self.pending, str(file), metadata={"format": "pt"})
         self.written.append((file, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
@@ -447,8 +536,9 @@ class _ShardWriter:
             file.rename(self.out_dir / final)
             weight_map.update(dict.fromkeys(names, final))
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        with open(self.out_dir / "model.safetensors.index.json", "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
+        (self.out_dir / "model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2), encoding="utf-8"
+        )
 
 
 def write_glm_checkpoint(
@@ -459,24 +549,26 @@ def write_glm_checkpoint(
 ) -> dict[str, torch.Tensor]:
     """Stream-convert ``src`` into native sharded safetensors + config.json + generation_config.json.
 
-    Writes into ``out_dir`` directly (callers wanting atomicity pass a temp dir and rename). Memory stays
-    around one source shard plus one output shard. Returns any prefix-encoder tensors found in ``src``.
+    Everything is written in a temporary directory beside ``out_dir`` and then moved into ``out_dir`` (created if
+    missing; other files in it are kept) file by file, config.json last, so a reader that finds the config finds
+    every shard; a failure leaves ``out_dir`` as it was. (``python -m ptuning_v2.convert`` swaps a whole new
+    directory in instead.) Memory stays around one source shard plus one output shard. Returns any
+    prefix-encoder tensors found in ``src``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config = read_chatglm_config(src)
     glm_config = chatglm_to_glm_config(config)
-    writer = _ShardWriter(out, parse_size(max_shard_size))
     prefix: dict[str, torch.Tensor] = {}
-    stored_dtype = None
-    for _file, converted, shard_prefix in iter_converted_shards(src, config, dtype):
-        for name in list(converted):
-            tensor = converted.pop(name)
-            stored_dtype = stored_dtype or (tensor.dtype if tensor.is_floating_point() else None)
-            writer.add(name, tensor)
-        prefix.update(shard_prefix)
-    writer.close()
-    glm_config.dtype = dtype or stored_dtype
-    glm_config.save_pretrained(out)
-    GenerationConfig.from_model_config(glm_config).save_pretrained(out)
+    with atomic_directory(out_dir, replace=False, last=("config.json",)) as tmp:
+        writer = _ShardWriter(tmp, parse_size(max_shard_size))
+        stored_dtype = None
+        for _file, converted, shard_prefix in iter_converted_shards(src, config, dtype):
+            for name in list(converted):
+                tensor = converted.pop(name)
+                stored_dtype = stored_dtype or (tensor.dtype if tensor.is_floating_point() else None)
+                writer.add(name, tensor)
+            prefix.update(shard_prefix)
+        writer.close()
+        glm_config.dtype = dtype or stored_dtype
+        glm_config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(glm_config).save_pretrained(tmp)
     return prefix

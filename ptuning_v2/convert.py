@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,56 +30,25 @@ from .chatglm import (
     PREFIX_ENCODER_KEY,
     ChatGLMConversionError,
     chatglm_to_glm_config,
-    chatglm_weight_files,
+    find_weight_files,
     parse_size,
     read_chatglm_config,
+    read_weight_keys,
     write_glm_checkpoint,
 )
-from .checkpoint import read_json_object
+from .files import atomic_directory
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PREFIX_SUBDIR = "ptuning_prefix"
 _BACKBONE_PROBE = "transformer.embedding.word_embeddings.weight"
 
 
-def _read_json_file(path: Path) -> dict:
-    return read_json_object(path, ChatGLMConversionError)
-
-
-def _file_keys(file: Path) -> set[str]:
-    """Tensor names of one weight file, reading its header only; a truncated or corrupt file is named."""
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as f:
-                return set(f.keys())
-        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:  # SafetensorError, RuntimeError, UnpicklingError... all mean a broken file
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise ChatGLMConversionError(
-            f"{file}: cannot read this weights file ({type(err).__name__}: {first}); it is truncated or corrupt"
-        ) from err
-    if not isinstance(state, dict):
-        raise ChatGLMConversionError(f"{file}: holds a {type(state).__name__}, not a state dict")
-    return set(state)
-
-
 def _weight_keys(src: Path) -> set[str]:
     """Tensor names of a checkpoint without reading tensor data; every weight file's header is opened, so a
-    truncated shard is found before anything is written."""
-    files = chatglm_weight_files(src)
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (src / index).is_file():
-            weight_map = _read_json_file(src / index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ChatGLMConversionError(f"{src / index}: no 'weight_map' object (tensor name -> file)")
-            for file in files:
-                _file_keys(file)
-            return set(weight_map)
+    truncated shard is found before anything is written (the error names it)."""
     keys: set[str] = set()
-    for file in files:
-        keys.update(_file_keys(file))
+    for file in find_weight_files(src):
+        keys.update(read_weight_keys(file))
     return keys
 
 
@@ -98,9 +65,7 @@ def _read_source_config(src: Path) -> dict:
             f"(perhaps {src.parent})"
         )
     config_file = src / "config.json"
-    if config_file.is_file():
-        _read_json_file(config_file)  # names the file on bad JSON
-    config = read_chatglm_config(src)
+    config = read_chatglm_config(src)  # names the file on bad JSON
     if "position_encoding_2d" not in config and "num_layers" in config:
         required = list(_REQUIRED_INTS)
         if config.get("multi_query_attention"):
@@ -224,9 +189,8 @@ def convert(
     keys = _weight_keys(src_path)
     torch_dtype = DTYPES[dtype] if dtype else None
 
-    created = _make_parents(dst_path.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst_path.name}.tmp-", dir=dst_path.parent))
-    try:
+    # Built in a temporary sibling and swapped in whole; on failure that and any parents it made are removed.
+    with atomic_directory(dst_path, replace=True) as tmp:
         if _BACKBONE_PROBE in keys:
             notes = convert_model(src_path, tmp, torch_dtype, max_shard_size)
         elif any(k.startswith(PREFIX_ENCODER_KEY) for k in keys):
@@ -236,38 +200,7 @@ def convert(
                 f"{src_path}: neither a ChatGLM model ({_BACKBONE_PROBE} missing) nor an official prefix "
                 f"checkpoint ({PREFIX_ENCODER_KEY}* missing)"
             )
-        _replace_dir(tmp, dst_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for directory in created:  # deepest first; only the ones this run made, and only if still empty
-            try:
-                directory.rmdir()
-            except OSError:
-                break
-        raise
     return notes
-
-
-def _make_parents(directory: Path) -> list[Path]:
-    """``mkdir -p`` that returns the directories it created, deepest first."""
-    missing = []
-    while not directory.exists():
-        missing.append(directory)
-        directory = directory.parent
-    for path in reversed(missing):
-        path.mkdir(exist_ok=True)
-    return missing
-
-
-def _replace_dir(new: Path, dst: Path) -> None:
-    if dst.exists():
-        # Move the old tree aside first so dst is always either the old or the new complete tree.
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, old / "tree")
-        os.replace(new, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, dst)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import random
 import shlex
@@ -45,6 +44,7 @@ from transformers import GenerationConfig, GlmConfig, GlmForCausalLM, PreTrained
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from ptuning_v2.files import atomic_directory  # noqa: E402
 from ptuning_v2.tokenization import build_chatglm_tokenizer, chatglm3_message_ids  # noqa: E402
 
 SP_MODEL_NAME = "sentencepiece.model"  # kept next to the model for provenance; not read by AutoTokenizer
@@ -423,23 +423,10 @@ def unigram_nll(train_docs: list[list[int]], eval_docs: list[list[int]], vocab: 
 def save_atomically(out: Path, write) -> None:
     """Write into a temporary sibling directory, then swap it in: readers see the old or the new model,
     never a half-written one."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, replace=True) as tmp:
         write(tmp)
-        for path in [tmp, *tmp.iterdir()]:  # mkdtemp and some writers create owner-only files
+        for path in tmp.iterdir():  # some writers create owner-only files
             path.chmod(0o755 if path.is_dir() else 0o644)
-        old = out.with_name(f".{out.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if out.exists():
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def model_card(m: dict) -> str:
