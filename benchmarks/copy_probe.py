@@ -1,6 +1,6 @@
 """How well a backbone repeats a sentence it has never seen: the copy skill that extraction by generation needs.
 
-    python benchmarks/copy_probe.py --models models/glm-zh-tiny /path/to/other/backbone
+    python -m benchmarks.copy_probe --models models/glm-zh-tiny /path/to/other/backbone
 
 Each model gets ``复述这句话：<sentence>`` (the copy chat of the pretraining mix) for the first sentences of
 ``data/seg/dev.json`` (dev sentences never appear in pretraining), cut to ``--max_chars`` characters, and answers
@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import write_report
+from ptuning_v2.data import generation_prompt_ids
+from ptuning_v2.generation import GenerationSettings, generate_texts
+from ptuning_v2.loading import load_model, load_tokenizer
 
-from report import write_report  # noqa: E402
-
-from ptuning_v2.data import generation_prompt_ids  # noqa: E402
-from ptuning_v2.generation import GenerationSettings, generate_texts  # noqa: E402
-from ptuning_v2.loading import load_model, load_tokenizer  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from pretrain_tiny import COPY_INSTRUCTION  # noqa: E402  (the copy chat the backbone was pretrained on)
+# The copy chat the backbone was pretrained on. It lives only in the pretraining script, which `scripts/` (a
+# namespace package when run from the repository root) makes importable.
+from scripts.pretrain_tiny import COPY_INSTRUCTION
 
 
 def parse_args() -> argparse.Namespace:
@@ -66,8 +62,8 @@ def probe(model_dir: str, sentences: list[str]) -> dict:
         generation_prompt_ids([{"role": "user", "content": COPY_INSTRUCTION + s}], tokenizer)
         for s in sentences
     ]
-    settings = GenerationSettings(batch_size=16, max_new_tokens=max(len(s) for s in sentences) + 8)
-    answers, speed = generate_texts(model, tokenizer, prompts, settings, progress=False)
+    settings = GenerationSettings(max_new_tokens=max(len(s) for s in sentences) + 8)
+    answers, speed = generate_texts(model, tokenizer, prompts, settings, progress=False, batch_size=16)
     return {
         "model": model_dir,
         "sentences": len(sentences),

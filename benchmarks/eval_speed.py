@@ -1,6 +1,6 @@
 """Batched vs batch-1 evaluation speed, side by side, with a check that the greedy answers are identical.
 
-    python benchmarks/eval_speed.py --model models/glm-zh-tiny --checkpoint output/ner-ptuning_v2-16-2e-2 \\
+    python -m benchmarks.eval_speed --model models/glm-zh-tiny --checkpoint output/ner-ptuning_v2-16-2e-2 \\
         --test_file data/ner/dev.json --num_examples 128 --batch_sizes 1 16 32
 
 Prints a markdown table and writes it, with the raw numbers, to ``benchmarks/results/``.
@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from report import write_report  # noqa: E402
-
-from ptuning_v2.data import DataConfig, load_conversations, tokenize_for_generation  # noqa: E402
-from ptuning_v2.generation import GenerationSettings, generate_texts  # noqa: E402
-from ptuning_v2.loading import load_model, load_tokenizer  # noqa: E402
+from benchmarks.report import write_report
+from ptuning_v2.data import DataConfig, load_conversations, tokenize_for_generation
+from ptuning_v2.generation import GenerationSettings, generate_texts
+from ptuning_v2.loading import load_model, load_tokenizer
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,8 +39,10 @@ def main() -> None:
     prompts = [list(ids) for ids in tokenize_for_generation(raw, tokenizer, config)["input_ids"]]
     rows, reference = [], None
     for batch_size in args.batch_sizes:
-        settings = GenerationSettings(batch_size=batch_size, max_new_tokens=args.max_new_tokens)
-        answers, speed = generate_texts(model, tokenizer, prompts, settings, progress=False)
+        settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+        answers, speed = generate_texts(
+            model, tokenizer, prompts, settings, progress=False, batch_size=batch_size
+        )
         reference = reference if reference is not None else answers
         identical = sum(a == b for a, b in zip(answers, reference))
         rows.append({"batch_size": batch_size, **speed, "identical_to_first": identical})

@@ -1,9 +1,9 @@
 """The API server under load: 1, 8 and 32 concurrent clients, one prefix and mixed prefixes, batched serving
 against a one-request-at-a-time server (MAX_BATCH_SIZE=1) on the same machine, in one run.
 
-    python benchmarks/serve.py                                  # glm-zh-tiny, two random prefixes
-    python benchmarks/serve.py --prefixes ner=output/ner-ptuning_v2-64-1e-1,sent=output/sent-...
-    python benchmarks/serve.py --quick                          # a smoke test: 1 and 4 clients, 1 request each
+    python -m benchmarks.serve                                  # glm-zh-tiny, two random prefixes
+    python -m benchmarks.serve --prefixes ner=output/ner-ptuning_v2-64-1e-1,sent=output/sent-...
+    python -m benchmarks.serve --quick                          # a smoke test: 1 and 4 clients, 1 request each
 
 Each server is started with ``bash scripts/api.sh`` and driven by the official ``openai`` client (one thread per
 client, each sending its requests one after another, non-streamed, greedy). Prints a markdown table and writes
@@ -24,10 +24,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.report import write_report
 
-from report import write_report  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FALLBACK_PROMPTS = [
     "找出句中的人名、地名和机构名：李鹏在北京会见了新华社记者。",
@@ -75,8 +74,8 @@ def random_prefixes(model: str, directory: Path) -> str:
         backbone = load_model(model)
         attach_prefix(backbone, PrefixConfig(pre_seq_len=length))
         torch.manual_seed(seed)
-        torch.nn.init.normal_(backbone.prefix_encoder.embedding.weight, std=0.5)
-        backbone.save_prefix(directory / name)
+        torch.nn.init.normal_(backbone.tuning.encoder.embedding.weight, std=0.5)
+        backbone.tuning.save(directory / name)
         specs.append(f"{name}={directory / name}")
     return ",".join(specs)
 
@@ -237,7 +236,7 @@ def main() -> None:
         f"greedy, max_tokens={args.max_tokens}, {args.requests_per_client} requests per client, "
         f"{os.cpu_count()} CPUs shared by server and clients; "
         f"servers: `bash scripts/api.sh MODEL=... PREFIXES=... MAX_BATCH_SIZE={args.max_batch_size}` (batched) "
-        f"and `MAX_BATCH_SIZE=1` (one at a time); command: `python {' '.join(sys.argv)}`"
+        f"and `MAX_BATCH_SIZE=1` (one at a time); command: `python -m benchmarks.serve {' '.join(sys.argv[1:])}`"
     )
     write_report(args.out, table, settings, {"args": vars(args), "rows": rows})
 

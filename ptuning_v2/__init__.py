@@ -1,4 +1,4 @@
-"""P-Tuning v2 and Prefix-Tuning for ChatGLM-style (MQA/GQA) decoders on transformers 5.
+"""P-Tuning v2, Prefix-Tuning and the prompt-tuning family for ChatGLM-style (MQA/GQA) decoders on transformers 5.
 
 Names load lazily, so light entry points (``evaluate/rouge.py``) do not import torch and transformers.
 """
@@ -7,15 +7,18 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "attach_prefix": "attach",
-    "count_parameters": "attach",
-    "prefix_disabled": "attach",
-    "bake_prefix": "checkpoint",
-    "export_peft_adapter": "checkpoint",
-    "load_prefix": "checkpoint",
+    "attach_method": "methods",
+    "attach_prefix": "methods",
+    "bake_prefix": "methods",
+    "count_parameters": "methods",
+    "export_peft_adapter": "methods",
+    "load_method": "methods",
+    "load_prefix": "methods",
+    "tuning_of": "methods",
+    "METHODS": "methods",
+    "load_prefix_weights": "methods.prefix",
+    "checkpoint_method": "checkpoint",
     "load_prefix_checkpoint": "checkpoint",
-    "load_prefix_weights": "checkpoint",
-    "save_prefix_checkpoint": "checkpoint",
     "write_prefix_checkpoint": "checkpoint",
     "load_model": "loading",
     "load_tokenizer": "loading",

@@ -1,4 +1,4 @@
-"""Attach a prefix to a frozen transformers model.
+"""The mechanism that carries a prefix into a frozen transformers model (the prefix methods' engine room).
 
 The model object stays what it was (a ``GlmForCausalLM``, ``Qwen2ForCausalLM``, ``...ForSequenceClassification``)
 so ``forward``, ``generate``, the Trainer and DeepSpeed all see an ordinary transformers model. A forward pre-hook
@@ -17,10 +17,6 @@ prefix into generate's empty cache on the first step, so the encoder runs once p
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from types import MethodType
 from typing import Any, get_args
 
 import torch
@@ -30,12 +26,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from .compat import cache_argument, pop_cache
-from .prefix_encoder import PrefixConfig, PrefixEncoder, kv_shape_from_config
+from .prefix_encoder import PrefixConfig
 
 # Set on a Cache once it holds the prefix; its value is the prefix length.
 _PREFIX_MARK = "_ptuning_v2_prefix_len"
-# Task heads of the NLU classes: randomly initialised, so they train (and are saved) with the prefix.
-HEAD_NAMES = ("score", "classifier")
 
 
 class ReadOnlyPrefixLayer(DynamicLayer):
@@ -63,19 +57,19 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _prefix_pairs(model: nn.Module, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return model.prefix_encoder(batch_size, dtype=compute_dtype(model))
+    return model.tuning.encoder(batch_size, dtype=compute_dtype(model))
 
 
 def _read_only_cache(model: nn.Module, batch_size: int) -> Cache:
     cache = Cache(layers=[ReadOnlyPrefixLayer(k, v) for k, v in _prefix_pairs(model, batch_size)])
-    setattr(cache, _PREFIX_MARK, model.prefix_config.pre_seq_len)
+    setattr(cache, _PREFIX_MARK, model.tuning.config.pre_seq_len)
     return cache
 
 
 def _fill_cache(model: nn.Module, cache: Cache, batch_size: int) -> Cache:
     for layer_idx, (key, value) in enumerate(_prefix_pairs(model, batch_size)):
         cache.update(key, value, layer_idx)
-    setattr(cache, _PREFIX_MARK, model.prefix_config.pre_seq_len)
+    setattr(cache, _PREFIX_MARK, model.tuning.config.pre_seq_len)
     return cache
 
 
@@ -100,7 +94,7 @@ CACHE_DROPPED_UNDER_CHECKPOINTING = frozenset({"gpt2", "gpt-sw3", "decision_tran
 
 
 def _check_checkpointing(model: nn.Module) -> None:
-    layer = next(iter(model._prefix_checkpoint_layers), None)
+    layer = next(iter(model.tuning.checkpoint_layers), None)
     if layer is None or not layer.gradient_checkpointing:
         return
     model_type = getattr(model.config, "model_type", None)
@@ -129,10 +123,10 @@ def _real_positions(
 
 
 def _inject_prefix(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    if getattr(model, "_prefix_disabled", False):
+    if not model.tuning.enabled:
         return None
     kwargs = _as_kwargs(model, args, kwargs)
-    config: PrefixConfig = model.prefix_config
+    config: PrefixConfig = model.tuning.config
     pre_seq_len = config.pre_seq_len
     inputs = kwargs.get("input_ids")
     if inputs is None:
@@ -161,7 +155,7 @@ def _inject_prefix(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, 
             "the cache holds states that were not computed with this prefix; pass None (or a cache returned "
             "by this model) so the prefix can be placed first"
         )
-    kwargs[model._prefix_cache_argument] = cache
+    kwargs[model.tuning.cache_argument] = cache
 
     mask = kwargs.get("attention_mask")
     real_mask = None
@@ -188,19 +182,6 @@ def _inject_prefix(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, 
     if config.position_convention == "peft":
         kwargs["position_ids"] = kwargs["position_ids"] + pre_seq_len
     return (), kwargs
-
-
-def _save_prefix(model: nn.Module, save_directory: str | Path) -> Path:
-    from .checkpoint import save_prefix_checkpoint
-
-    return save_prefix_checkpoint(model, save_directory)
-
-
-def trainable_head(model: nn.Module) -> dict[str, nn.Module]:
-    """The NLU task head (``score``/``classifier``) of a classification model, if any."""
-    return {
-        name: getattr(model, name) for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)
-    }
 
 
 # Cache layer types (transformers' `layer_types`) that hold each past token's keys and values: the only kind a
@@ -278,59 +259,20 @@ def _why_no_prefix(model: nn.Module, cache_name: str | None, config: PrefixConfi
     return None
 
 
-def attach_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
-    """Freeze ``model`` and attach a trainable prefix; returns the same model object, now prefix-aware.
-
-    The model keeps behaving as a transformers model (forward, ``generate``, gradient checkpointing) and gains
-    ``model.prefix_encoder``, ``model.prefix_config`` and ``model.save_prefix(dir)``.
-    """
-    if hasattr(model, "prefix_encoder"):
-        raise ValueError("this model already has a prefix attached")
+def check_prefix_fits_model(model: nn.Module, config: PrefixConfig) -> str:
+    """The name of ``model``'s cache argument; TypeError naming why a prefix cannot be carried."""
     cache_name = cache_argument(model)
     refusal = _why_no_prefix(model, cache_name, config)
     if refusal is not None:
         raise TypeError(f"{type(model).__name__} cannot carry a prefix: {refusal}")
-    kv_shape = kv_shape_from_config(model.config)  # refuses geometries one table cannot hold
-    model.requires_grad_(False)
-    for head in trainable_head(model).values():
-        head.requires_grad_(True)
+    return cache_name
 
-    device = model.get_input_embeddings().weight.device
-    encoder = PrefixEncoder(config, kv_shape).to(device=device, dtype=torch.float32)
-    model.prefix_encoder = encoder.train(
-        model.training
-    )  # a new module starts in training mode: follow the model
-    model.prefix_config = config
-    model._prefix_cache_argument = cache_name
+
+def install_prefix_hook(model: nn.Module) -> None:
+    """Route every forward of ``model`` through ``_inject_prefix``; ``model.tuning`` holds the prefix."""
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
         # Safe because training forwards get a read-only prefix cache (see ReadOnlyPrefixLayer).
         layer._can_checkpoint_with_cache = True
-    # A tuple, so nn.Module does not register the layer a second time as a submodule.
-    model._prefix_checkpoint_layers = tuple(layers[:1])
+    model.tuning.checkpoint_layers = tuple(layers[:1])
     model.register_forward_pre_hook(_inject_prefix, with_kwargs=True)
-    model.save_prefix = MethodType(_save_prefix, model)
-    return model
-
-
-@contextmanager
-def prefix_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the bare backbone, e.g. for a before/after comparison, without detaching the prefix."""
-    model._prefix_disabled = True
-    try:
-        yield model
-    finally:
-        model._prefix_disabled = False
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; bitsandbytes 4-bit weights count as their logical size."""
-    trainable = total = 0
-    for param in model.parameters():
-        n = param.numel()
-        if param.__class__.__name__ == "Params4bit":
-            n *= 2  # two 4-bit values per stored byte
-        total += n
-        if param.requires_grad:
-            trainable += n
-    return trainable, total

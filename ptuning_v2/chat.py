@@ -18,7 +18,10 @@ import sys
 import threading
 from typing import TextIO
 
+from transformers import HfArgumentParser
+
 from .evaluate import parse_bool
+from .generation import GenerationSettings
 from .serving.conversation import (
     NO_PREFIX,
     add_model_arguments,
@@ -167,33 +170,27 @@ class _ctrl_c_cancels:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, GenerationSettings]:
+    """The chat's own flags, and the generation flags every entry point shares (``GenerationSettings``)."""
+    parser = HfArgumentParser(GenerationSettings, description=__doc__.splitlines()[0])
+    for action in parser._actions:  # every boolean flag takes the spellings of parse_bool
+        if getattr(action.type, "__name__", "") == "string_to_bool":
+            action.type = parse_bool
     add_model_arguments(parser)
     parser.add_argument("--query", default=None, help="answer one query (no streaming) and exit")
     parser.add_argument("--system", default=None, help="a system message for the conversation")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument(
-        "--do_sample",
-        type=parse_bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="sample (official top_p 0.7, temperature 0.95); alone, or with true/false. Default: greedy",
-    )
-    parser.add_argument("--top_p", type=float, default=0.7)
-    parser.add_argument("--temperature", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=None, help="makes sampled replies reproducible")
-    return parser.parse_args(argv)
+    generation, args = parser.parse_args_into_dataclasses(args=argv)
+    return args, generation
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args, generation = parse_args(argv)
     params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
+        max_new_tokens=generation.max_new_tokens,
+        do_sample=generation.do_sample,
+        temperature=generation.temperature,
+        top_p=generation.top_p,
         seed=args.seed,
     )
     params.check()  # bad settings fail before the model loads

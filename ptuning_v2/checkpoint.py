@@ -1,36 +1,44 @@
-"""Prefix checkpoints: ours, THUDM's official ``ptuning/`` ones, and PEFT prefix-tuning adapters.
+"""Checkpoint files: reading and writing them, nothing else (attaching them to a model is the methods' job).
 
-Our format is a directory with two files:
+Every checkpoint records its method (``"method"``: ptuning_v2, prefix_tuning, ptuning_v1, prompt_tuning, lora,
+full); ``checkpoint_method`` tells which without loading any tensor.
+
+Prefix checkpoints (P-Tuning v2, Prefix-Tuning) come in three formats: ours, THUDM's official ``ptuning/`` ones,
+and PEFT prefix-tuning adapters. Ours is a directory with two files:
 
 - ``prefix_model.safetensors``: the encoder's tensors under ChatGLM's names without the ``transformer.prefix_encoder.``
   part (``embedding.weight``; with projection also ``trans.0.weight``, ``trans.0.bias``, ``trans.2.weight``,
   ``trans.2.bias``), plus ``head.<name>.*`` for the task head of a classification model;
-- ``prefix_config.json``: the ``PrefixConfig`` fields and the kv shape the prefix was trained for.
+- ``prefix_config.json``: the method, the ``PrefixConfig`` fields and the kv shape the prefix was trained for.
+
+Every other method writes ``tuning_model.safetensors`` (what it trains, by its own names) and ``tuning_config.json``
+(the method, its config, the backbone it was trained on); full fine-tuning writes a whole transformers model
+directory beside ``tuning_config.json``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import nn
 
-from .attach import trainable_head
-from .prefix_encoder import KVShape, PrefixConfig, PrefixEncoder, kv_shape_from_config
+from .chatglm import find_weight_files, read_weight_file
+from .files import atomic_directory, json_type, read_json_object
+from .prefix_encoder import KVShape, PrefixConfig
 
 WEIGHTS_NAME = "prefix_model.safetensors"
 CONFIG_NAME = "prefix_config.json"
 FORMAT = "ptuning_v2.prefix"
 FORMAT_VERSION = 1
 HEAD_KEY = "head."
+TUNING_CONFIG = "tuning_config.json"
+TUNING_WEIGHTS = "tuning_model.safetensors"
+TUNING_FORMAT = "ptuning_v2.tuning"
+PREFIX_METHODS = ("ptuning_v2", "prefix_tuning")
 _OFFICIAL_KEY = "prefix_encoder."
 
 
@@ -67,33 +75,16 @@ class PrefixCheckpoint:
 # ---------------------------------------------------------------- writing
 
 
-def _atomic_write_dir(directory: Path, write: Any) -> Path:
-    """Write files with ``write(tmp_dir)`` and move them into ``directory`` so readers never see half a file."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-prefix-", dir=directory))
-    try:
-        write(tmp)
-        # Weights first: a reader that finds the config finds matching weights.
-        for name in sorted(os.listdir(tmp), key=lambda n: n == CONFIG_NAME):
-            os.replace(tmp / name, directory / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
-
-
-def prefix_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a prefix checkpoint holds: the encoder, plus the task head of a classification model."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.prefix_encoder.state_dict().items()}
-    for name, head in trainable_head(model).items():
-        for key, value in head.state_dict().items():
-            state[f"{HEAD_KEY}{name}.{key}"] = value.detach().cpu().contiguous()
-    return state
+def prefix_method_name(config: PrefixConfig) -> str:
+    """The method a prefix config is: the MLP makes it Prefix-Tuning, a plain table P-Tuning v2."""
+    return "prefix_tuning" if config.prefix_projection else "ptuning_v2"
 
 
 def _config_json(config: PrefixConfig, kv_shape: KVShape, extra: dict[str, Any]) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "method": prefix_method_name(config),
         **config.to_dict(),
         "kv_shape": {
             "num_layers": kv_shape.num_layers,
@@ -116,27 +107,10 @@ def write_prefix_checkpoint(
     """Write a prefix checkpoint in our format (atomically, file by file)."""
     payload = _config_json(config, kv_shape, extra or {})
 
-    def write(tmp: Path) -> None:
+    with atomic_directory(Path(directory), replace=False, last=(CONFIG_NAME,)) as tmp:
         save_file(state_dict, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-
-    return _atomic_write_dir(Path(directory), write)
-
-
-def save_prefix_checkpoint(model: nn.Module, directory: str | Path) -> Path:
-    """``model.save_prefix(dir)``: the trainable prefix only, never the backbone."""
-    encoder: PrefixEncoder = model.prefix_encoder
-    extra = {
-        "base_model": {
-            "model_type": getattr(model.config, "model_type", None),
-            "name_or_path": getattr(model.config, "_name_or_path", None),
-            "architecture": type(model).__name__,
-        },
-        "baked_from_projection": getattr(encoder, "baked_from_projection", False),
-    }
-    return write_prefix_checkpoint(
-        directory, encoder.config, encoder.kv_shape, prefix_state_dict(model), extra
-    )
+    return Path(directory)
 
 
 # ---------------------------------------------------------------- reading
@@ -163,30 +137,24 @@ _CHECKPOINT_FILES = (
 )
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    names = {dict: "object", list: "array", str: "string", int: "integer", float: "number"}
-    return names.get(type(value), type(value).__name__)
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    return read_weight_file(path, error=CheckpointError)
 
 
-def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict[str, Any]:
-    """A JSON object from ``path``; every problem (encoding, syntax, not an object) is an ``error`` naming the file."""
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise error(f"{path}: not UTF-8 text (byte {err.start}); is this really a JSON file?") from err
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise error(
-            f"{path}:{err.lineno}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
-        ) from err
-    if not isinstance(value, dict):
-        raise error(f"{path}: expected a JSON object, got {_json_type(value)}")
-    return value
+def _load_torch(path: Path) -> dict[str, Any]:
+    return read_weight_file(path, error=CheckpointError)
+
+
+def _official_weight_files(directory: Path) -> list[Path]:
+    return find_weight_files(
+        directory, lambda key: _OFFICIAL_KEY in key, required=False, error=CheckpointError
+    )
+
+
+def _read_prefix_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The ``*prefix_encoder.*`` tensors of a file, renamed to the encoder's own names."""
+    found = read_weight_file(path, lambda key: _OFFICIAL_KEY in key, error=CheckpointError)
+    return {key.split(_OFFICIAL_KEY, 1)[1]: value for key, value in found.items()}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -201,7 +169,7 @@ def _positive_int(meta: dict[str, Any], key: str, where: str, required: bool = T
     value = meta[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CheckpointError(
-            f"{where}: field {key!r} must be a positive integer, got {json.dumps(value)} ({_json_type(value)})"
+            f"{where}: field {key!r} must be a positive integer, got {json.dumps(value)} ({json_type(value)})"
         )
     return value
 
@@ -214,40 +182,9 @@ def _boolean(meta: dict[str, Any], key: str, where: str, required: bool = True) 
     if not isinstance(meta[key], bool):
         value = meta[key]
         raise CheckpointError(
-            f"{where}: field {key!r} must be true or false, got {json.dumps(value)} ({_json_type(value)})"
+            f"{where}: field {key!r} must be true or false, got {json.dumps(value)} ({json_type(value)})"
         )
     return meta[key]
-
-
-def _describe_error(err: BaseException) -> str:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__
-
-
-def _load_safetensors(path: Path, select: Any = None) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file (those whose name ``select`` accepts); a broken file is named."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {key: f.get_tensor(key) for key in f.keys() if select is None or select(key)}
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise CheckpointError(
-            f"{path}: cannot read this safetensors file ({_describe_error(err)}); it is truncated or corrupt "
-            "(an interrupted copy or download?)"
-        ) from err
-
-
-def _load_torch(path: Path) -> dict[str, Any]:
-    """A ``torch.save``-d state dict; a broken or foreign file is named."""
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError... for a bad file
-        raise CheckpointError(
-            f"{path}: cannot read this PyTorch file ({_describe_error(err)}); it is truncated, corrupt or "
-            "not a state dict saved with torch.save"
-        ) from err
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of named tensors")
-    return state
 
 
 def _check_tensors(
@@ -359,6 +296,12 @@ def _our_config(meta: dict[str, Any], where: str) -> tuple[PrefixConfig, KVShape
                 f'{where}: field \'position_convention\' must be "chatglm" or "peft", got {json.dumps(convention)}'
             )
         values["position_convention"] = convention
+    method = meta.get("method", prefix_method_name(PrefixConfig(pre_seq_len=1, prefix_projection=projection)))
+    if method != prefix_method_name(PrefixConfig(pre_seq_len=1, prefix_projection=projection)):
+        raise CheckpointError(
+            f"{where}: field 'method' is {json.dumps(method)} but prefix_projection is "
+            f"{json.dumps(projection)} (ptuning_v2 has no projection MLP, prefix_tuning has one)"
+        )
     try:
         config = PrefixConfig(**values)
     except (TypeError, ValueError) as err:
@@ -367,7 +310,7 @@ def _our_config(meta: dict[str, Any], where: str) -> tuple[PrefixConfig, KVShape
     if shape is None:
         return config, None
     if not isinstance(shape, dict):
-        raise CheckpointError(f"{where}: field 'kv_shape' must be an object, got {_json_type(shape)}")
+        raise CheckpointError(f"{where}: field 'kv_shape' must be an object, got {json_type(shape)}")
     dims = [
         _positive_int(shape, key, f"{where}: kv_shape") for key in ("num_layers", "num_kv_heads", "head_dim")
     ]
@@ -419,36 +362,6 @@ def _read_ours(directory: Path) -> PrefixCheckpoint:
         optional_prefix=HEAD_KEY,
     )
     return PrefixCheckpoint(config, state, kv_shape, "ptuning_v2", directory)
-
-
-def _official_weight_files(directory: Path) -> list[Path]:
-    for index_name, single in (
-        ("model.safetensors.index.json", "model.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-    ):
-        index = directory / index_name
-        if index.is_file():
-            weight_map = _read_json(index).get("weight_map", {})
-            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-                raise CheckpointError(f"{index}: field 'weight_map' must map tensor names to file names")
-            files = sorted({f for k, f in weight_map.items() if _OFFICIAL_KEY in k})
-            return [directory / f for f in files]
-        if (directory / single).is_file():
-            return [directory / single]
-    return []
-
-
-def _read_prefix_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The ``*prefix_encoder.*`` tensors of a file, renamed to the encoder's own names."""
-    if path.suffix == ".safetensors":
-        found = _load_safetensors(path, select=lambda key: _OFFICIAL_KEY in key)
-        return {k.split(_OFFICIAL_KEY, 1)[1]: v for k, v in found.items()}
-    state = _load_torch(path)
-    return {
-        str(k).split(_OFFICIAL_KEY, 1)[1]: v.clone() if isinstance(v, torch.Tensor) else v
-        for k, v in state.items()
-        if _OFFICIAL_KEY in str(k)
-    }
 
 
 def _official_kv_size(meta: dict[str, Any]) -> int | None:
@@ -598,137 +511,111 @@ def load_prefix_checkpoint(path: str | Path) -> PrefixCheckpoint:
 # ---------------------------------------------------------------- loading into a model
 
 
-def _fits(checkpoint: PrefixCheckpoint, kv_shape: KVShape) -> bool:
+def fits(checkpoint: PrefixCheckpoint, kv_shape: KVShape) -> bool:
     """Whether the checkpoint's table has this model's kv layout (the geometry too, when the checkpoint records it)."""
     if checkpoint.kv_size != kv_shape.kv_size:
         return False
     return checkpoint.kv_shape is None or checkpoint.kv_shape.geometry == kv_shape.geometry
 
 
-def _mismatch(checkpoint: PrefixCheckpoint, model: nn.Module) -> str | None:
-    encoder: PrefixEncoder = model.prefix_encoder
-    expected = encoder.kv_shape
-    problems = []
-    if checkpoint.config.pre_seq_len != encoder.config.pre_seq_len:
-        problems.append("pre_seq_len")
-    if checkpoint.config.prefix_projection != encoder.config.prefix_projection:
-        problems.append("prefix_projection")
-    if not _fits(checkpoint, expected):
-        problems.append("kv shape")
-    if not problems and checkpoint.config.prefix_projection:
-        if checkpoint._hidden_size() != encoder.trans[0].out_features:
-            problems.append("prefix_hidden_size")
-    if not problems:
-        return None
-    hidden = encoder.trans[0].out_features if encoder.config.prefix_projection else None
-    return (
-        f"prefix checkpoint {checkpoint.path} does not fit this model ({', '.join(problems)} differ): "
-        f"checkpoint has {checkpoint.describe()}; model expects pre_seq_len={encoder.config.pre_seq_len}, "
-        f"prefix_projection={encoder.config.prefix_projection}, prefix_hidden_size={hidden}, {expected.describe()}"
-    )
+# ---------------------------------------------------------------- every other method
 
 
-def load_prefix_weights(model: nn.Module, checkpoint: PrefixCheckpoint) -> nn.Module:
-    """Copy a checkpoint's tensors into the prefix attached to ``model``; every mismatch is named."""
-    problem = _mismatch(checkpoint, model)
-    if problem:
-        raise ValueError(problem)
-    encoder_state = {k: v for k, v in checkpoint.state_dict.items() if not k.startswith(HEAD_KEY)}
-    result = model.prefix_encoder.load_state_dict(encoder_state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"prefix checkpoint {checkpoint.path}: missing tensors {result.missing_keys}, "
-            f"unexpected tensors {result.unexpected_keys}"
+@dataclass
+class TuningCheckpoint:
+    """A non-prefix method's checkpoint: its ``tuning_config.json`` and (full fine-tuning aside) its tensors."""
+
+    method: str
+    meta: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    path: Path
+
+
+def write_tuning_checkpoint(
+    directory: str | Path, payload: dict[str, Any], state_dict: dict[str, torch.Tensor] | None
+) -> Path:
+    """``tuning_config.json`` (+ ``tuning_model.safetensors`` unless None), atomically, the config last."""
+    payload = {"format": TUNING_FORMAT, "format_version": FORMAT_VERSION, **payload}
+    with atomic_directory(Path(directory), replace=False, last=(TUNING_CONFIG,)) as tmp:
+        if state_dict is not None:
+            save_file(state_dict, str(tmp / TUNING_WEIGHTS), metadata={"format": "pt"})
+        (tmp / TUNING_CONFIG).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    return Path(directory)
+
+
+def read_tuning_checkpoint(path: str | Path, with_weights: bool = True) -> TuningCheckpoint:
+    """Read ``tuning_config.json`` and the tensors beside it; every tensor floating point and finite."""
+    directory = _checkpoint_directory(path)
+    config_file = directory / TUNING_CONFIG
+    meta = _read_json(config_file)
+    if meta.get("format", TUNING_FORMAT) != TUNING_FORMAT:
+        raise CheckpointError(
+            f"{config_file}: field 'format' is {json.dumps(meta['format'])}, expected {TUNING_FORMAT!r}"
         )
-    heads = trainable_head(model)
-    for key, value in checkpoint.state_dict.items():
-        if not key.startswith(HEAD_KEY):
-            continue
-        name, param = key[len(HEAD_KEY) :].split(".", 1)
-        if name not in heads:
-            raise ValueError(
-                f"prefix checkpoint {checkpoint.path} holds a task head '{name}' this model lacks"
+    version = meta.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{config_file}: format_version {json.dumps(version)}: this ptuning_v2 reads up to {FORMAT_VERSION}"
+        )
+    method = meta.get("method")
+    if not isinstance(method, str) or not method:
+        raise CheckpointError(f"{config_file}: missing field 'method' (the tuning method that wrote it)")
+    state: dict[str, torch.Tensor] = {}
+    weights = directory / TUNING_WEIGHTS
+    if with_weights and method != "full":
+        if not weights.is_file():
+            raise FileNotFoundError(f"{directory}: has {TUNING_CONFIG} but no {TUNING_WEIGHTS}")
+        state = _load_safetensors(weights)
+        shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
+        _check_tensors(state, shapes, dict.fromkeys(state, weights), f"a {method} checkpoint")
+    return TuningCheckpoint(method, meta, state, directory)
+
+
+def _checkpoint_directory(path: str | Path) -> Path:
+    directory = Path(path)
+    if directory.is_file():
+        hint = (
+            f"; pass the directory holding it, {directory.parent}"
+            if directory.name in (*_CHECKPOINT_FILES, TUNING_CONFIG, TUNING_WEIGHTS)
+            else ""
+        )
+        raise CheckpointError(f"checkpoint {directory} is a file, not a checkpoint directory{hint}")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint {directory} does not exist or is not a directory")
+    return directory
+
+
+def checkpoint_method(path: str | Path) -> str:
+    """Which method wrote the checkpoint at ``path``, from its config file alone (no tensor is read)."""
+    directory = _checkpoint_directory(path)
+    if (directory / TUNING_CONFIG).is_file():
+        method = _read_json(directory / TUNING_CONFIG).get("method")
+        if not isinstance(method, str) or not method:
+            raise CheckpointError(f"{directory / TUNING_CONFIG}: missing field 'method'")
+        return method
+    if (directory / CONFIG_NAME).is_file():
+        meta = _read_json(directory / CONFIG_NAME)
+        method = meta.get("method")
+        if method is None:  # written before checkpoints named their method
+            return "prefix_tuning" if meta.get("prefix_projection") is True else "ptuning_v2"
+        if method not in PREFIX_METHODS:
+            raise CheckpointError(
+                f"{directory / CONFIG_NAME}: field 'method' is {json.dumps(method)}; a prefix checkpoint is "
+                f"one of {', '.join(PREFIX_METHODS)}"
             )
-        target = heads[name].get_parameter(param)
-        if target.shape != value.shape:
-            raise ValueError(
-                f"prefix checkpoint {checkpoint.path}: {key} has shape {tuple(value.shape)}, "
-                f"model expects {tuple(target.shape)} (a different number of labels?)"
-            )
-        with torch.no_grad():
-            target.copy_(value)
-    return model
+        return method
+    if (directory / _PEFT_CONFIG).is_file():
+        peft_type = _read_json(directory / _PEFT_CONFIG).get("peft_type")
+        if peft_type == "LORA":
+            return "lora"
+    # Official ChatGLM and PEFT prefixes: load_prefix_checkpoint tells the two apart and names what is wrong.
+    return "ptuning_v2"
 
 
-# ---------------------------------------------------------------- bake and export
-
-
-def bake_prefix(model: nn.Module) -> nn.Module:
-    """Replace a projection prefix by the plain table it computes: same outputs, no MLP, smaller file."""
-    encoder: PrefixEncoder = model.prefix_encoder
-    if not encoder.config.prefix_projection:
-        return model
-    with torch.no_grad():
-        table = encoder.table().detach().float()
-    config = PrefixConfig(
-        **{**encoder.config.to_dict(), "prefix_projection": False, "prefix_hidden_size": None}
-    )
-    baked = PrefixEncoder(config, encoder.kv_shape).to(device=table.device)
-    with torch.no_grad():
-        baked.embedding.weight.copy_(table)
-    baked.baked_from_projection = True
-    baked.requires_grad_(encoder.embedding.weight.requires_grad)
-    baked.train(encoder.training)
-    model.prefix_encoder = baked
-    model.prefix_config = config
-    return model
-
-
-def export_peft_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write the prefix as a PEFT prefix-tuning adapter directory (a baked table: PEFT stores only that).
-
-    PEFT feeds real tokens from position ``pre_seq_len``; a prefix trained with the ChatGLM convention will not
-    reproduce exactly there.
-    """
-    from peft import PrefixTuningConfig
-
-    encoder: PrefixEncoder = model.prefix_encoder
-    shape = encoder.kv_shape
-    with torch.no_grad():
-        table = encoder.table().detach().float().cpu().contiguous()
-    peft_config = PrefixTuningConfig(
-        task_type="CAUSAL_LM",
-        num_virtual_tokens=encoder.config.pre_seq_len,
-        token_dim=shape.num_kv_heads * shape.head_dim,
-        num_attention_heads=shape.num_kv_heads,
-        num_layers=shape.num_layers,
-        encoder_hidden_size=shape.num_kv_heads * shape.head_dim,
-        num_transformer_submodules=1,
-        prefix_projection=False,
-        inference_mode=True,
-        base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
-    )
-
-    def write(tmp: Path) -> None:
-        peft_config.save_pretrained(str(tmp))
-        save_file(
-            {"prompt_embeddings": table}, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"}
-        )
-
-    return _atomic_write_dir(Path(directory), write)
-
-
-def load_prefix(model: nn.Module, path: str | Path) -> nn.Module:
-    """Attach the prefix stored at ``path`` (any supported format) to ``model`` and load its weights."""
-    from .attach import attach_prefix
-
-    checkpoint = load_prefix_checkpoint(path)
-    model_shape = kv_shape_from_config(model.config)
-    # Checked before attaching, so a checkpoint that does not fit leaves the model untouched.
-    if not _fits(checkpoint, model_shape):
-        raise ValueError(
-            f"prefix checkpoint {checkpoint.path} does not fit this model: checkpoint has {checkpoint.describe()}; "
-            f"model expects {model_shape.describe()}"
-        )
-    attach_prefix(model, checkpoint.config)
-    return load_prefix_weights(model, checkpoint)
+def read_peft_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a PEFT adapter directory (``adapter_model.safetensors`` or ``.bin``), the file named on error."""
+    if (directory / _PEFT_WEIGHTS[0]).is_file():
+        return _load_safetensors(directory / _PEFT_WEIGHTS[0])
+    if (directory / _PEFT_WEIGHTS[1]).is_file():
+        return _load_torch(directory / _PEFT_WEIGHTS[1])
+    raise FileNotFoundError(f"{directory}: has {_PEFT_CONFIG} but no {' or '.join(_PEFT_WEIGHTS)}")

@@ -1,9 +1,12 @@
-"""Generate answers for a test file with a (prefix) model and write the official ``generated_predictions.txt``.
+"""Generate answers for a test file with a tuned model and write the official ``generated_predictions.txt``.
 
     python -m ptuning_v2.evaluate --model models/glm-zh-tiny --checkpoint output/ner --test_file data/ner/dev.json \\
         --output_dir output/ner/eval
 
-Scores come from ``evaluate/rouge.py`` on the file this writes (``scripts/evaluate.sh`` runs both).
+The generation flags are ``GenerationSettings``' and the data flags ``DataConfig``'s, as in training; a checkpoint
+written by ``ptuning_v2.train`` brings its run's data settings (``run_config.yaml``: columns, source length), so
+prompts are cut as in training unless a flag says otherwise. Scores come from ``evaluate/rouge.py`` on the file
+this writes (``scripts/evaluate.sh`` runs both); the package's own scores go to ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -11,20 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-from .data import DataConfig, load_conversations, tokenize_for_generation
-from .generation import GenerationSettings, generate_texts, write_predictions
-from .loading import check_model_path, load_model, load_tokenizer, quantization_config, resolve_dtype
+import yaml
 
 BOOLEAN_WORDS = {
-    **dict.fromkeys(("1", "true", "yes", "on", "y", "t"), True),
-    **dict.fromkeys(("0", "false", "no", "off", "n", "f"), False),
+    **dict.fromkeys(("true", "1", "yes", "y", "on", "t"), True),
+    **dict.fromkeys(("false", "0", "no", "n", "off", "f"), False),
 }
 
 
 def parse_bool(value: str | bool) -> bool:
-    """A boolean flag's value: true/false, 1/0, yes/no, on/off in any case (train, evaluate and chat alike)."""
+    """A boolean flag's value: true/false, 1/0, yes/no, on/off (any case)."""
     if isinstance(value, bool):
         return value
     try:
@@ -35,54 +38,85 @@ def parse_bool(value: str | bool) -> bool:
         ) from None
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="backbone directory (native or original ChatGLM2/3)")
-    parser.add_argument(
-        "--checkpoint", default=None, help="prefix checkpoint (ours, official or PEFT); none = bare"
+@dataclass
+class EvaluateArguments:
+    model: str = field(metadata={"help": "backbone directory (native or original ChatGLM2/3)"})
+    test_file: str = field(metadata={"help": "data file to answer (json/jsonl)"})
+    output_dir: str = field(metadata={"help": "where generated_predictions.txt goes"})
+    checkpoint: str | None = field(
+        default=None, metadata={"help": "any method's checkpoint (prefixes also official/PEFT); none = bare"}
     )
-    parser.add_argument("--test_file", required=True)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--max_samples", type=int, default=None)
-    parser.add_argument("--quantization_bit", default=None)
-    parser.add_argument("--torch_dtype", default=None)
-    parser.add_argument(
-        "--do_sample",
-        type=parse_bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="sample with the official top_p/temperature (alone, or with true/false)",
+    batch_size: int = 16
+    max_samples: int | None = None
+    quantization_bit: str | None = None
+    torch_dtype: str | None = None
+    seed: int = field(default=42, metadata={"help": "makes sampled answers reproducible"})
+    task: str = field(
+        default="auto", metadata={"help": "ner, sentiment, none or auto: the metrics.json scores"}
     )
-    parser.add_argument("--top_p", type=float, default=0.7)
-    parser.add_argument("--temperature", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--prompt_column", default="content")
-    parser.add_argument("--response_column", default="summary")
-    parser.add_argument("--history_column", default=None)
-    parser.add_argument("--max_source_length", type=int, default=256)
-    args = parser.parse_args(argv)
-    problems = settings_problems(args)
+
+
+def run_config_of(checkpoint: str | None) -> dict[str, Any]:
+    """The settings a training run recorded beside its checkpoint (``run_config.yaml``), or {}."""
+    if not checkpoint:
+        return {}
+    for folder in (Path(checkpoint), Path(checkpoint).parent):
+        path = folder / "run_config.yaml"
+        if path.is_file():
+            try:
+                values = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError):
+                return {}  # a damaged record only loses its defaults
+            return values if isinstance(values, dict) else {}
+    return {}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[EvaluateArguments, Any, Any]:
+    from transformers import HfArgumentParser
+
+    from .data import DataConfig
+    from .generation import GenerationSettings
+
+    parser = HfArgumentParser((EvaluateArguments, GenerationSettings, DataConfig))
+    for action in parser._actions:  # every boolean flag takes the spellings of parse_bool
+        if action.type is not None and getattr(action.type, "__name__", "") == "string_to_bool":
+            action.type = parse_bool
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first, _ = parser.parse_known_args(argv)
+    recorded = run_config_of(first.checkpoint)
+    data_fields = {f.name for f in fields(DataConfig)} - {"max_target_length"}
+    parser.set_defaults(**{k: v for k, v in recorded.items() if k in data_fields})
+    args, generation, data = parser.parse_args_into_dataclasses(args=argv)
+    problems = settings_problems(args, generation, data)
     if problems:
         parser.exit(2, "".join(f"error: {problem}\n" for problem in problems))
-    return args
+    return args, generation, data
 
 
-def settings_problems(args: argparse.Namespace) -> list[str]:
+def settings_problems(args: EvaluateArguments, generation: Any, data: Any) -> list[str]:
     """Everything wrong with the settings, found before anything is loaded, each naming its flag and value."""
+    from .loading import check_model_path, quantization_config, resolve_dtype
+    from .metrics import TASKS
+
     problems = []
-    for flag in ("batch_size", "max_new_tokens", "max_source_length", "max_samples"):
-        value = getattr(args, flag)
+    values = {
+        "batch_size": args.batch_size,
+        "max_samples": args.max_samples,
+        "max_new_tokens": generation.max_new_tokens,
+        "num_beams": generation.num_beams,
+        "max_source_length": data.max_source_length,
+    }
+    for flag, value in values.items():
         if flag == "max_samples" and value is None:
             continue
         if value < 1:
             problems.append(f"--{flag} {value}: must be a positive number")
-    if not 0 < args.top_p <= 1:
-        problems.append(f"--top_p {args.top_p}: must be in (0, 1]")
-    if args.temperature <= 0:
-        problems.append(f"--temperature {args.temperature}: must be above 0")
+    if not 0 < generation.top_p <= 1:
+        problems.append(f"--top_p {generation.top_p}: must be in (0, 1]")
+    if generation.temperature <= 0:
+        problems.append(f"--temperature {generation.temperature}: must be above 0")
+    if args.task not in TASKS:
+        problems.append(f"--task {args.task!r}: must be one of {', '.join(TASKS)}")
     if Path(args.test_file).is_dir():
         problems.append(f"--test_file {args.test_file!r} is a directory, not a data file")
     elif not Path(args.test_file).is_file():
@@ -105,34 +139,27 @@ def settings_problems(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = parse_args(argv)
-    config = DataConfig(
-        prompt_column=args.prompt_column,
-        response_column=args.response_column,
-        history_column=args.history_column,
-        max_source_length=args.max_source_length,
-    )
+    from .data import load_conversations, tokenize_for_generation
+    from .files import atomic_write_text
+    from .generation import evaluate_dataset
+    from .loading import load_model, load_tokenizer
+
+    args, generation, data = parse_args(argv)
     output_dir = Path(args.output_dir)
     tokenizer = load_tokenizer(args.model)
-    raw = load_conversations(args.test_file, config, cache_dir=str(output_dir / ".data_cache"))
+    raw = load_conversations(args.test_file, data, cache_dir=str(output_dir / ".data_cache"))
     if args.max_samples:
         raw = raw.select(range(min(args.max_samples, len(raw))))
-    dataset = tokenize_for_generation(raw, tokenizer, config)
+    dataset = tokenize_for_generation(raw, tokenizer, data)
     model = load_model(args.model, args.checkpoint, args.quantization_bit, args.torch_dtype)
-    settings = GenerationSettings(
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.do_sample,
-        top_p=args.top_p,
-        temperature=args.temperature,
-        seed=args.seed,
+    path = output_dir / "generated_predictions.txt"
+    task = None if args.task == "none" else args.task
+    metrics = evaluate_dataset(
+        model, tokenizer, dataset, generation, path, task=task, batch_size=args.batch_size, seed=args.seed
     )
-    prompts = [list(ids) for ids in dataset["input_ids"]]
-    predictions, speed = generate_texts(model, tokenizer, prompts, settings)
-    path = write_predictions(
-        output_dir / "generated_predictions.txt", predictions, list(dataset["label_text"])
-    )
-    (output_dir / "generation_speed.json").write_text(json.dumps(speed, indent=2) + "\n")
+    speed = metrics.pop("speed")
+    atomic_write_text(output_dir / "generation_speed.json", json.dumps(speed, indent=2) + "\n")
+    atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {path} ({speed['examples']} examples, {speed['examples_per_second']} ex/s, "
           f"{speed['new_tokens_per_second']} new tokens/s)", flush=True)  # fmt: skip
     return path

@@ -8,9 +8,8 @@ once per batch, in the first decoding step.
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .files import atomic_open
 from .metrics import all_metrics
 
 # ChatGLM3-style models end an answer with a role token instead of eos.
@@ -27,15 +27,19 @@ _STOP_TOKENS = ("<|user|>", "<|observation|>", "<|endoftext|>")
 
 @dataclass
 class GenerationSettings:
-    """Greedy by default (deterministic); ``do_sample`` with the official top_p 0.7 / temperature 0.95."""
+    """How answers are generated: declared here once for training, evaluation, chat and serving.
 
-    batch_size: int = 16
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    top_p: float = 0.7
-    temperature: float = 0.95
-    num_beams: int = 1
-    seed: int = 42
+    Greedy by default (deterministic); ``do_sample`` with the official top_p 0.7 / temperature 0.95. Field names are
+    the flags of ``ptuning_v2.train``, ``ptuning_v2.evaluate`` and ``ptuning_v2.chat``.
+    """
+
+    max_new_tokens: int = field(default=128, metadata={"help": "the longest answer, in tokens"})
+    do_sample: bool = field(
+        default=False, metadata={"help": "sample (official top_p 0.7, temperature 0.95); default greedy"}
+    )
+    top_p: float = field(default=0.7, metadata={"help": "nucleus sampling mass, when sampling"})
+    temperature: float = field(default=0.95, metadata={"help": "sampling temperature, when sampling"})
+    num_beams: int = field(default=1, metadata={"help": "beam search width (1: none)"})
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -73,20 +77,24 @@ def generate_texts(
     prompts: list[list[int]],
     settings: GenerationSettings,
     progress: bool = True,
+    batch_size: int = 16,
+    seed: int = 42,
 ) -> tuple[list[str], dict[str, float]]:
-    """Generate one answer per tokenized prompt; returns the decoded answers (input order) and speed figures."""
+    """Generate one answer per tokenized prompt; returns the decoded answers (input order) and speed figures.
+
+    ``seed`` makes sampled answers reproducible; ``batch_size`` prompts of similar length go together."""
     was_training = model.training
     model.eval()
     device = model.get_input_embeddings().weight.device
     kwargs = generate_kwargs(settings, tokenizer)
     dropped = torch.tensor([*kwargs["eos_token_id"], kwargs["pad_token_id"]])
     if settings.do_sample:
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(seed)
     answers: list[str] = [""] * len(prompts)
     new_tokens = 0
     start = time.perf_counter()
     bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress)
-    for batch in _batches([len(p) for p in prompts], settings.batch_size):
+    for batch in _batches([len(p) for p in prompts], batch_size):
         padded = tokenizer.pad(
             {"input_ids": [prompts[i] for i in batch]}, padding_side="left", return_tensors="pt"
         ).to(device)
@@ -114,14 +122,10 @@ def generate_texts(
 
 def write_predictions(path: str | Path, predictions: list[str], labels: list[str]) -> Path:
     """The official ``generated_predictions.txt``: JSON lines ``{"labels", "predict"}``, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for label, predict in zip(labels, predictions):
             f.write(json.dumps({"labels": label, "predict": predict}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def evaluate_dataset(
@@ -132,11 +136,15 @@ def evaluate_dataset(
     output_file: str | Path | None = None,
     task: str | None = "auto",
     progress: bool = True,
+    batch_size: int = 16,
+    seed: int = 42,
 ) -> dict[str, Any]:
     """Generate for a ``tokenize_for_generation`` dataset, write the predictions file, and score it."""
     prompts = [list(ids) for ids in dataset["input_ids"]]
     labels = list(dataset["label_text"])
-    predictions, speed = generate_texts(model, tokenizer, prompts, settings, progress=progress)
+    predictions, speed = generate_texts(
+        model, tokenizer, prompts, settings, progress=progress, batch_size=batch_size, seed=seed
+    )
     if output_file is not None:
         write_predictions(output_file, predictions, labels)
     metrics = all_metrics(predictions, labels, task=task)

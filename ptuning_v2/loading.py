@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from .checkpoint import load_prefix
+from .checkpoint import checkpoint_method
+from .methods import FullFineTuning, load_method
 from .quantization import prepare_4bit_for_cpu
 
 _DTYPES = {
@@ -90,12 +91,22 @@ def load_model(
     model_class: Any = AutoModelForCausalLM,
     **model_kwargs: Any,
 ) -> nn.Module:
-    """Load a (frozen) backbone, optionally quantised, with the prefix from ``ptuning_checkpoint`` attached.
+    """Load a (frozen) backbone, optionally quantised, with the method of ``ptuning_checkpoint`` attached.
 
     ``model_name_or_path`` may be a transformers-native directory or a THUDM original-layout ChatGLM2/3 directory
-    (converted in memory to the native ``glm`` model). ``ptuning_checkpoint`` may be ours, official or PEFT.
+    (converted in memory to the native ``glm`` model). ``ptuning_checkpoint`` may be any method's checkpoint
+    (prefixes also in THUDM's official and PEFT's formats); a full fine-tuning checkpoint is a whole model and
+    replaces the backbone.
     """
     check_model_path(model_name_or_path)
+    method = checkpoint_method(ptuning_checkpoint) if ptuning_checkpoint else None
+    if method == "full":
+        if quantization_config(quantization_bit, torch.float32) is not None:
+            raise ValueError(
+                f"{ptuning_checkpoint} is a full fine-tuning checkpoint: load it unquantized (quantization_bit "
+                f"{quantization_bit} would quantize the fine-tuned weights it holds)"
+            )
+        model_name_or_path, ptuning_checkpoint = str(ptuning_checkpoint), None
     dtype = resolve_dtype(torch_dtype)
     quant = quantization_config(quantization_bit, dtype)
     if _is_chatglm(model_name_or_path):
@@ -109,10 +120,11 @@ def load_model(
         model = model_class.from_pretrained(model_name_or_path, **kwargs)
         if quant is not None:
             prepare_4bit_for_cpu(model)  # layers bitsandbytes' AVX512-BF16 CPU kernel cannot take
-    if ptuning_checkpoint:
-        load_prefix(model, ptuning_checkpoint)
-    else:
-        model.requires_grad_(False)
+    model.requires_grad_(False)
+    if method == "full":
+        FullFineTuning.attach(model, FullFineTuning.config_class())
+    elif ptuning_checkpoint:
+        load_method(model, ptuning_checkpoint)
     model.eval()
     return model
 

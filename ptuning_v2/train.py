@@ -16,6 +16,7 @@ prefix whose weights grow past ``--max_prefix_weight`` or a prefix gradient that
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import json
@@ -26,7 +27,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,14 @@ from transformers.hf_argparser import string_to_bool
 from transformers.integrations.deepspeed import deepspeed_load_checkpoint
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .attach import attach_prefix, count_parameters, prefix_disabled
-from .checkpoint import load_prefix, load_prefix_checkpoint, load_prefix_weights
+from .checkpoint import (
+    PREFIX_METHODS,
+    CheckpointError,
+    checkpoint_method,
+    load_prefix_checkpoint,
+    prefix_method_name,
+    read_tuning_checkpoint,
+)
 from .data import (
     DataConfig,
     load_conversations,
@@ -58,33 +65,31 @@ from .data import (
     training_collator,
 )
 from .evaluate import BOOLEAN_WORDS, parse_bool
+from .files import atomic_write_text
 from .generation import GenerationSettings, evaluate_dataset
 from .loading import check_model_path, load_model, load_tokenizer, quantization_config, resolve_dtype
+from .methods import METHODS, attach_method, count_parameters, method_config, method_settings, tuning_of
 from .metrics import TASKS
-from .prefix_encoder import PrefixConfig
 
 logger = logging.getLogger("ptuning_v2.train")
-METHODS = ("ptuning_v2", "prefix_tuning")
 
 
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(default="models/glm-zh-tiny", metadata={"help": "backbone directory"})
     ptuning_checkpoint: str | None = field(
-        default=None, metadata={"help": "prefix to start from (any format)"}
+        default=None, metadata={"help": "a checkpoint of the same method to start from (warm start)"}
     )
-    method: str = field(
-        default="ptuning_v2", metadata={"help": "ptuning_v2 (deep prompt) or prefix_tuning (MLP)"}
-    )
-    pre_seq_len: int = 128
-    prefix_projection: bool = False
-    prefix_hidden_size: int | None = None
-    prefix_dropout: float = 0.1
-    position_convention: str = field(
-        default="chatglm", metadata={"help": "chatglm (from 0) or peft (from P)"}
-    )
+    method: str = field(default="ptuning_v2", metadata={"help": "one of " + ", ".join(METHODS)})
     quantization_bit: str | None = field(default=None, metadata={"help": "4 (nf4), 8, or none"})
     torch_dtype: str | None = field(default=None, metadata={"help": "fp32, bf16, fp16; default fp32 on CPU"})
+
+
+# Every method's config fields (PrefixConfig, PTuningV1Config, ...), as flags: --pre_seq_len, --lora_rank, ...
+MethodArguments = make_dataclass(
+    "MethodArguments",
+    [(name, hint, field(default=default)) for name, (hint, default) in method_settings().items()],
+)
 
 
 @dataclass
@@ -98,10 +103,6 @@ class DataArguments(DataConfig):
     max_eval_samples: int | None = None
     max_predict_samples: int | None = None
     task: str = field(default="auto", metadata={"help": "ner, sentiment, none or auto (from the labels)"})
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    top_p: float = 0.7
-    temperature: float = 0.95
     eval_generate_steps: int = field(
         default=0, metadata={"help": "also generate+score every N steps (0: off)"}
     )
@@ -121,15 +122,38 @@ class PrefixTrainingArguments(Seq2SeqTrainingArguments):
     )
     max_prefix_weight: float = field(
         default=1e4,
-        metadata={"help": "stop when a prefix weight grows past this magnitude (saturated prefix); 0: off"},
+        metadata={"help": "stop when a trained weight grows past this magnitude (saturated prefix); 0: off"},
     )
     zero_grad_patience: int = field(
         default=10,
         metadata={
-            "help": "stop after this many optimizer steps in a row whose prefix gradient is exactly 0; 0: off "
+            "help": "stop after this many optimizer steps in a row whose gradient is exactly 0; 0: off "
             "(a non-finite gradient stops at once)"
         },
     )
+
+
+@dataclass
+class RunSettings:
+    """Everything a training run was told, parsed and typed: what ``main`` works from."""
+
+    model: ModelArguments
+    method: Any  # MethodArguments
+    data: DataArguments
+    generation: GenerationSettings
+    training: PrefixTrainingArguments
+
+    def method_config(self) -> Any:
+        return method_config(self.model.method, asdict(self.method))
+
+
+_ARGUMENT_CLASSES = (
+    ModelArguments,
+    MethodArguments,
+    DataArguments,
+    GenerationSettings,
+    PrefixTrainingArguments,
+)
 
 
 class _ArgumentParser(HfArgumentParser):
@@ -143,47 +167,130 @@ class _ArgumentParser(HfArgumentParser):
         self.exit(2, f"error: {message} (--help lists the flags)\n")
 
 
-def parse_args(
-    argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, PrefixTrainingArguments]:
-    parser = _ArgumentParser((ModelArguments, DataArguments, PrefixTrainingArguments))
+def _config_defaults(parser: _ArgumentParser, path: str) -> dict[str, Any]:
+    """A YAML/JSON settings file as parser defaults, each value converted (and checked) by its flag's type."""
+    file = Path(path)
+    if not file.is_file():
+        raise SettingsError(f"--config {path!r}: no such settings file")
+    try:
+        settings = yaml.safe_load(file.read_text(encoding="utf-8"))  # YAML reads JSON too
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise SettingsError(f"{path}: not valid YAML/JSON ({str(err).splitlines()[0]})") from err
+    if not isinstance(settings, dict):
+        raise SettingsError(f"{path}: expected a mapping of setting names to values")
+    actions = {a.dest: a for a in parser._actions}
+    defaults: dict[str, Any] = {}
+    for key, value in settings.items():
+        action = actions.get(key)
+        if action is None or key in ("help", "config"):
+            raise SettingsError(f"{path}: unknown setting {key!r} (--help lists them)")
+        if value is not None and action.type is not None and not isinstance(value, (list, dict)):
+            try:
+                value = action.type(str(value) if not isinstance(value, bool) else value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+                raise SettingsError(f"{path}: {key}: {value!r} is not valid ({err})") from None
+        if action.choices is not None and value not in action.choices:
+            raise SettingsError(f"{path}: {key}: {value!r} is not one of {list(action.choices)}")
+        defaults[key] = value
+    return defaults
+
+
+def _given_flags(argv: list[str]) -> set[str]:
+    return {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+
+
+def parse_args(argv: list[str] | None = None) -> RunSettings:
+    """Flags, a settings file (``--config FILE``, flags override it), or a settings file alone."""
+    parser = _ArgumentParser(_ARGUMENT_CLASSES)
+    parser.add_argument(
+        "--config", default=None, help="a YAML/JSON file of settings; flags given beside it win"
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Without CUDA, accelerate sees a torchrun/DeepSpeed job as one process unless told it runs on CPU.
-    cpu_only = not torch.cuda.is_available()
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        text = Path(argv[0]).read_text()
-        settings = json.loads(text) if argv[0].endswith(".json") else yaml.safe_load(text)
-        if not isinstance(settings, dict):
-            raise ValueError(f"{argv[0]}: expected a mapping of argument names to values")
-        if cpu_only:
-            settings.setdefault("use_cpu", True)
-        return parser.parse_dict(settings)
-    if cpu_only and "--use_cpu" not in argv:
+        argv = ["--config", argv[0]]
+    config_path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            config_path = argv[i + 1]
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+    defaults = _config_defaults(parser, config_path) if config_path else {}
+    given = _given_flags(argv)
+    if "method" in given and "learning_rate" not in given and "learning_rate" in defaults:
+        # A settings file's learning rate belongs to its method: a prefix's 1e-1 would wreck LoRA or full.
+        method = next(argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--method")
+        if method != defaults.get("method", ModelArguments.method) and method in METHODS:
+            defaults["learning_rate"] = DEFAULT_LEARNING_RATES[method]
+            print(
+                f"note: --method {method} with the learning rate of {config_path} ({defaults.get('method')}) "
+                f"replaced by {method}'s default {DEFAULT_LEARNING_RATES[method]:g}; give --learning_rate "
+                "(LR=) to choose",
+                flush=True,
+            )
+    parser.set_defaults(**defaults)
+    # Without CUDA, accelerate sees a torchrun/DeepSpeed job as one process unless told it runs on CPU.
+    if not torch.cuda.is_available() and "use_cpu" not in given:
         argv += ["--use_cpu", "true"]
-    return parser.parse_args_into_dataclasses(args=argv)
+    derive_output_dir = "output_dir" not in given and defaults.get("output_dir") is None
+    if derive_output_dir:  # named once the settings are known (below)
+        argv += ["--output_dir", "output/run"]
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    model_args, method_args, data_args, generation, training = parsed[:5]
+    if derive_output_dir:
+        training.output_dir = default_output_dir(model_args, method_args, data_args, training)
+    return RunSettings(model_args, method_args, data_args, generation, training)
 
 
-def prefix_config(args: ModelArguments) -> PrefixConfig:
-    if args.method not in METHODS:
-        raise ValueError(f"--method {args.method!r} is not one of {METHODS}")
-    return PrefixConfig(
-        pre_seq_len=args.pre_seq_len,
-        prefix_projection=args.prefix_projection or args.method == "prefix_tuning",
-        prefix_hidden_size=args.prefix_hidden_size,
-        prefix_dropout=args.prefix_dropout,
-        position_convention=args.position_convention,
-    )
+# Starting points for each method's learning rate on the bundled tasks (the comparison tunes them on dev).
+DEFAULT_LEARNING_RATES = {
+    "ptuning_v2": 1e-1,
+    "prefix_tuning": 1e-2,
+    "ptuning_v1": 1e-2,
+    "prompt_tuning": 1e-1,
+    "lora": 1e-3,
+    "full": 1e-4,
+}
 
 
-def build_model(args: ModelArguments) -> torch.nn.Module:
-    """Frozen backbone + prefix: fresh, or warm-started from ``--ptuning_checkpoint``."""
-    model = load_model(
-        args.model_name_or_path, quantization_bit=args.quantization_bit, torch_dtype=args.torch_dtype
-    )
-    if args.ptuning_checkpoint:
-        load_prefix(model, args.ptuning_checkpoint)
+def _short_number(value: float) -> str:
+    """0.1 -> 1e-1, 0.02 -> 2e-2: how the recipes write learning rates in directory names."""
+    mantissa, exponent = f"{value:e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def default_output_dir(
+    model_args: ModelArguments, method_args: Any, data_args: DataArguments, args: Any
+) -> str:
+    """``output/<data dir>-<method>[-<pre_seq_len>]-<learning rate>``, e.g. output/ner-ptuning_v2-64-1e-1."""
+    data = Path(data_args.train_file or data_args.validation_file or "run").parent.name or "run"
+    length = "" if model_args.method in ("lora", "full") else f"-{method_args.pre_seq_len}"
+    return f"output/{data}-{model_args.method}{length}-{_short_number(args.learning_rate)}"
+
+
+def build_model(settings: RunSettings) -> torch.nn.Module:
+    """The backbone with the method attached: fresh, or warm-started from ``--ptuning_checkpoint``."""
+    model_args = settings.model
+    if model_args.ptuning_checkpoint:
+        found = checkpoint_method(model_args.ptuning_checkpoint)
+        if found != model_args.method:
+            raise SettingsError(
+                f"--ptuning_checkpoint {model_args.ptuning_checkpoint} is a {found} checkpoint, but --method is "
+                f"{model_args.method}; warm-start a method from its own checkpoints"
+            )
+        model = load_model(
+            model_args.model_name_or_path,
+            model_args.ptuning_checkpoint,
+            quantization_bit=model_args.quantization_bit,
+            torch_dtype=model_args.torch_dtype,
+        )
     else:
-        attach_prefix(model, prefix_config(args))
+        model = load_model(
+            model_args.model_name_or_path,
+            quantization_bit=model_args.quantization_bit,
+            torch_dtype=model_args.torch_dtype,
+        )
+        attach_method(model, model_args.method, settings.method_config())
     model.train()
     return model
 
@@ -201,10 +308,15 @@ def _shown(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def settings_problems(
-    model_args: ModelArguments, data_args: DataArguments, args: PrefixTrainingArguments
-) -> list[str]:
+def settings_problems(settings: RunSettings) -> list[str]:
     """Everything wrong with the settings, each as ``--flag value: what is wrong``; empty when all is well."""
+    model_args, method_args, data_args, generation, args = (
+        settings.model,
+        settings.method,
+        settings.data,
+        settings.generation,
+        settings.training,
+    )
     problems: list[str] = []
 
     def need(ok: bool, flag: str, value: Any, rule: str) -> None:
@@ -236,15 +348,26 @@ def settings_problems(
     if model_args.ptuning_checkpoint and not Path(model_args.ptuning_checkpoint).exists():
         problems.append(f"--ptuning_checkpoint {model_args.ptuning_checkpoint!r} does not exist")
     need(model_args.method in METHODS, "method", model_args.method, f"must be one of {', '.join(METHODS)}")
-    need(
-        model_args.position_convention in ("chatglm", "peft"),
-        "position_convention",
-        model_args.position_convention,
-        "must be chatglm or peft",
-    )
-    count("pre_seq_len", model_args.pre_seq_len, "prefix tokens")
-    count("prefix_hidden_size", model_args.prefix_hidden_size, "units", optional=True)
-    need(0 <= model_args.prefix_dropout < 1, "prefix_dropout", model_args.prefix_dropout, "must be in [0, 1)")
+    count("pre_seq_len", method_args.pre_seq_len, "virtual tokens")
+    count("prefix_hidden_size", method_args.prefix_hidden_size, "units", optional=True)
+    count("prompt_encoder_hidden_size", method_args.prompt_encoder_hidden_size, "units", optional=True)
+    count("lora_rank", method_args.lora_rank, "ranks")
+    if model_args.method in METHODS:
+        try:  # each method's config checks its own fields (choices, ranges)
+            settings.method_config()
+        except (TypeError, ValueError) as err:
+            name = str(err).split(" ", 1)[0]  # the configs' messages start with the field's name
+            if not hasattr(method_args, name):
+                problems.append(f"--method {model_args.method}: {err}")
+            elif not any(p.startswith(f"--{name} ") for p in problems):
+                problems.append(f"--{name} {_shown(getattr(method_args, name))}: {err}")
+        quantized = model_args.quantization_bit not in (None, "", "none", "None", "16", "32")
+        if quantized and not METHODS[model_args.method].quantized_backbone_ok:
+            problems.append(
+                f"--method {model_args.method} with --quantization_bit {model_args.quantization_bit}: full "
+                "fine-tuning cannot train a 4/8-bit backbone (bitsandbytes weights take no optimizer step); use "
+                "--quantization_bit none, or a parameter-efficient method (ptuning_v2, lora, ...)"
+            )
     for check, flag, value in (
         (lambda v: quantization_config(v, torch.float32), "quantization_bit", model_args.quantization_bit),
         (resolve_dtype, "torch_dtype", model_args.torch_dtype),
@@ -270,10 +393,11 @@ def settings_problems(
         count(flag, getattr(data_args, flag), "examples", optional=True)
     count("max_source_length", data_args.max_source_length, "tokens")
     count("max_target_length", data_args.max_target_length, "tokens")
-    count("max_new_tokens", data_args.max_new_tokens, "tokens")
+    count("max_new_tokens", generation.max_new_tokens, "tokens")
+    count("num_beams", generation.num_beams, "beams")
     need(data_args.task in TASKS, "task", data_args.task, f"must be one of {', '.join(TASKS)}")
-    need(0 < data_args.top_p <= 1, "top_p", data_args.top_p, "must be in (0, 1]")
-    need(data_args.temperature > 0, "temperature", data_args.temperature, "must be above 0")
+    need(0 < generation.top_p <= 1, "top_p", generation.top_p, "must be in (0, 1]")
+    need(generation.temperature > 0, "temperature", generation.temperature, "must be above 0")
     need(
         data_args.eval_generate_steps >= 0,
         "eval_generate_steps",
@@ -326,10 +450,8 @@ def settings_problems(
     return problems
 
 
-def check_settings(
-    model_args: ModelArguments, data_args: DataArguments, args: PrefixTrainingArguments
-) -> None:
-    problems = settings_problems(model_args, data_args, args)
+def check_settings(settings: RunSettings) -> None:
+    problems = settings_problems(settings)
     if problems:
         raise SettingsError("\nerror: ".join(problems))
 
@@ -520,10 +642,9 @@ def _stopped(error: type[TrainingStopped], what: str, args: Any) -> TrainingStop
     )
 
 
-def _prefix_encoder(model: torch.nn.Module) -> torch.nn.Module:
-    while not hasattr(model, "prefix_encoder") and hasattr(model, "module"):  # DDP / DeepSpeed wrappers
-        model = model.module
-    return model.prefix_encoder
+def _trained(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What the method trains (looking through DDP/DeepSpeed wrappers)."""
+    return tuning_of(model).trainable_parameters()
 
 
 class TrainingHealthCallback(TrainerCallback):
@@ -535,7 +656,7 @@ class TrainingHealthCallback(TrainerCallback):
       0.034-0.22 at every step; Adam moves each weight by about the learning rate a step, so an absurd learning
       rate (1e4 and up) passes the bound at its first step.
     * A prefix gradient that is exactly 0 for ``--zero_grad_patience`` (10) optimizer steps in a row: the loss no
-      longer depends on the prefix. (A non-finite loss or gradient stops at once: ``PrefixTrainer.training_step``.)
+      longer depends on the prefix. (A non-finite loss or gradient stops at once: ``TuningTrainer.training_step``.)
 
     Checked on every process alike: gradients are equal across data-parallel processes, and the largest weight
     is reduced across them (ZeRO-3 gives each only a partition). Under DeepSpeed the gradient check is skipped
@@ -548,7 +669,7 @@ class TrainingHealthCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is None:
             return
-        grads = [p.grad for p in _prefix_encoder(model).parameters() if p.grad is not None]
+        grads = [p.grad for p in _trained(model) if p.grad is not None]
         if not grads or not args.zero_grad_patience:  # DeepSpeed keeps gradients in its own buffers
             return
         step = state.global_step + 1
@@ -568,7 +689,7 @@ class TrainingHealthCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is None or not args.max_prefix_weight:
             return
-        values = [getattr(p, "ds_tensor", p).detach() for p in _prefix_encoder(model).parameters()]
+        values = [getattr(p, "ds_tensor", p).detach() for p in _trained(model)]
         largest = torch.stack(
             [v.abs().max().float().cpu() if v.numel() else torch.zeros(()) for v in values]
         ).max()
@@ -608,13 +729,14 @@ def rotate_run_checkpoints(run_dir: str, limit: int | None, step: int, best: str
             shutil.rmtree(path, ignore_errors=True)
 
 
-class PrefixTrainer(Trainer):
-    """Saves only the prefix, writes checkpoints atomically, and stops on a non-finite loss or a broken prefix."""
+class TuningTrainer(Trainer):
+    """The HF Trainer, hooked where it must be: it saves what the method trains (``model.tuning``), writes
+    checkpoints atomically, and stops on a non-finite loss or trained weights gone bad."""
 
     def __init__(self, model: torch.nn.Module, **kwargs: Any) -> None:
         # The health checks come first, so that no other callback acts on a step that broke the prefix.
         kwargs["callbacks"] = [TrainingHealthCallback(), *(kwargs.get("callbacks") or [])]
-        # The Trainer refuses a quantized model without a PEFT adapter; the prefix is our trainable adapter.
+        # The Trainer refuses a quantized model without a PEFT adapter; the method's parameters are our adapter.
         flag = getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False)
         if flag:
             model._hf_peft_config_loaded = True
@@ -630,17 +752,21 @@ class PrefixTrainer(Trainer):
     def _check_finite_prefix(self) -> None:
         model = self.accelerator.unwrap_model(self.model)
         # Under ZeRO-3 each process sees only its partition; the loss check covers what this misses.
-        if not all(torch.isfinite(p.detach()).all() for p in model.prefix_encoder.parameters()):
-            self._stop("the prefix weights are no longer finite (inf/nan)")
+        if not all(torch.isfinite(p.detach()).all() for p in _trained(model)):
+            self._stop("the trained weights are no longer finite (inf/nan)")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         self._check_finite_prefix()
         output_dir = output_dir or self.args.output_dir
-        model = self.accelerator.unwrap_model(self.model)
-        params = list(model.prefix_encoder.parameters())
-        with _gathered(params, self.is_deepspeed_enabled):
+        handle = tuning_of(self.accelerator.unwrap_model(self.model))
+        if handle.saves_backbone:  # the whole model: the Trainer's own save gathers ZeRO-3 shards
+            super().save_model(output_dir, _internal_call)
             if self.args.should_save:
-                model.save_prefix(output_dir)
+                handle.write_config(output_dir)
+            return
+        with _gathered(handle.trainable_parameters(), self.is_deepspeed_enabled):
+            if self.args.should_save:
+                handle.save(output_dir)
                 torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -685,15 +811,18 @@ class PrefixTrainer(Trainer):
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
     ) -> None:
-        model = self.accelerator.unwrap_model(model or self.model)
-        load_prefix_weights(model, load_prefix_checkpoint(resume_from_checkpoint))
+        handle = tuning_of(self.accelerator.unwrap_model(model or self.model))
+        if handle.saves_backbone:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        loaded = _read_checkpoint_state(resume_from_checkpoint, handle.name)
+        handle.load_state_dict(loaded, resume_from_checkpoint)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         # The gradient is checked here, before clipping can hide an inf (it scales everything by max_norm/inf = 0).
         # Under fp16 an inf gradient is the loss scaler's to skip; DeepSpeed keeps gradients in its own buffers.
         # The norm is the one clipping computes: past float32's range it is inf even where every element is finite.
-        grads = [p.grad.detach() for p in _prefix_encoder(model).parameters() if p.grad is not None]
+        grads = [p.grad.detach() for p in _trained(model) if p.grad is not None]
         norm = (
             torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             if grads
@@ -710,6 +839,21 @@ class PrefixTrainer(Trainer):
             shown = "not finite" if norm is None else f"{norm.item()}"
             raise _stopped(NonFiniteError, f"the prefix's gradient norm is {shown} at step {step}", self.args)
         return loss
+
+
+def _read_checkpoint_state(path: str, method: str) -> dict[str, torch.Tensor]:
+    """The tensors a ``checkpoint-N`` folder holds for ``method``, checked against the method's checkpoint format."""
+    if method in PREFIX_METHODS:
+        checkpoint = load_prefix_checkpoint(path)
+        if prefix_method_name(checkpoint.config) != method:
+            raise CheckpointError(
+                f"{path}: a {prefix_method_name(checkpoint.config)} checkpoint, not {method}"
+            )
+        return checkpoint.state_dict
+    checkpoint = read_tuning_checkpoint(path)
+    if checkpoint.method != method:
+        raise CheckpointError(f"{path}: a {checkpoint.method} checkpoint, this run trains {method}")
+    return checkpoint.state_dict
 
 
 def _gathered(params: list[torch.nn.Parameter], deepspeed_enabled: bool):
@@ -770,14 +914,14 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | Non
     return path
 
 
-def comparison_table(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
+def comparison_table(before: dict[str, Any] | None, after: dict[str, Any], method: str = "prefix") -> str:
     keys = [k for k in after if k != "speed"]
     if before is None:
         rows = [f"| {k} | {after[k]:.2f} |" for k in keys]
         return "\n".join(["| metric | score |", "|---|---:|", *rows])
     rows = [f"| {k} | {before[k]:.2f} | {after[k]:.2f} | {after[k] - before[k]:+.2f} |" for k in keys]
     return "\n".join(
-        ["| metric | before (no prefix) | after (prefix) | change |", "|---|---:|---:|---:|", *rows]
+        [f"| metric | before (backbone alone) | after ({method}) | change |", "|---|---:|---:|---:|", *rows]
     )
 
 
@@ -788,38 +932,60 @@ def _limit(dataset, n: int | None):
     return dataset.select(range(min(n, len(dataset)))) if n else dataset
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    model_args, data_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    # Starts the process group now: ZeRO-3 partitions weights inside from_pretrained and needs it.
-    world_size = training_args.world_size
-    set_seed(training_args.seed)
-    output_dir = Path(training_args.output_dir)
-    is_main = training_args.process_index == 0
-    logger.info("processes: %d, device: %s", world_size, training_args.device)
-    # Every setting, the output directory and the checkpoint to resume are checked before anything is loaded.
-    check_settings(model_args, data_args, training_args)
-    plan = plan_output_dir(training_args, is_main)
+def start_run(settings: RunSettings) -> OutputPlan:
+    """Check every setting, the output directory and the checkpoint to resume, before anything is loaded; then
+    move an earlier run aside where told to, and record the settings in the output directory."""
+    args = settings.training
+    check_settings(settings)
+    plan = plan_output_dir(args, args.process_index == 0)
     state = PartialState()
     state.wait_for_everyone()  # every process has read the output directory before it changes
-    if training_args.should_save:
-        plan.carry_out(output_dir)
+    if args.should_save:
+        plan.carry_out(Path(args.output_dir))
+        if args.do_train:
+            write_run_config(settings, Path(args.output_dir) / RUN_CONFIG)
     state.wait_for_everyone()
-
-    if training_args.deepspeed and world_size > 1:
+    if args.deepspeed and args.world_size > 1:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
         # DeepSpeed's comm layer wraps the group accelerate made; ZeRO-3 init reads the world size from it.
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    model = build_model(model_args)
-    trainable, total = count_parameters(model)
-    print(f"trainable {trainable:,} / total {total:,} ({100 * trainable / total:.4f}%)", flush=True)
+    return plan
 
+
+RUN_CONFIG = "run_config.yaml"
+
+
+def write_run_config(settings: RunSettings, path: Path) -> None:
+    """The run's settings as a ``--config`` file: ``python -m ptuning_v2.train --config <it>`` repeats the run."""
+    values: dict[str, Any] = {}
+    for part in (settings.model, settings.data, settings.generation):
+        values.update(asdict(part))
+    values.update({k: v for k, v in asdict(settings.method).items() if k in asdict(settings.method_config())})
+    args = settings.training
+    for name in (
+        "output_dir learning_rate max_steps num_train_epochs per_device_train_batch_size per_device_eval_batch_size "
+        "gradient_accumulation_steps save_steps logging_steps seed lr_scheduler_type warmup_steps weight_decay"
+    ).split():
+        value = getattr(args, name)
+        values[name] = getattr(value, "value", value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(values, allow_unicode=True, sort_keys=False))
+
+
+@dataclass
+class Datasets:
+    train: Any = None
+    eval_loss: Any = None  # tokenized for the loss (--eval_strategy)
+    eval_generate: Any = None  # prompts only, for generate + score
+    test: Any = None
+
+
+def load_datasets(settings: RunSettings, tokenizer: Any) -> Datasets:
+    data_args, args = settings.data, settings.training
     data_config = DataConfig(**{f.name: getattr(data_args, f.name) for f in fields(DataConfig)})
-    cache_dir = str(output_dir / ".data_cache")
+    cache_dir = str(Path(args.output_dir) / ".data_cache")
 
     def tokenized(path: str, limit: int | None, for_generation: bool):
         raw = _limit(load_conversations(path, data_config, cache_dir=cache_dir), limit)
@@ -829,88 +995,132 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{path}: {stats.summary()}", flush=True)
         return dataset
 
-    with training_args.main_process_first(desc="tokenize"):
-        train_set = (
-            tokenized(data_args.train_file, data_args.max_train_samples, False)
-            if training_args.do_train
-            else None
+    found = Datasets()
+    with args.main_process_first(desc="tokenize"):
+        if args.do_train:
+            found.train = tokenized(data_args.train_file, data_args.max_train_samples, False)
+        if data_args.validation_file and args.eval_strategy != "no":
+            found.eval_loss = tokenized(data_args.validation_file, data_args.max_eval_samples, False)
+        if data_args.validation_file and (args.do_eval or data_args.eval_generate_steps):
+            found.eval_generate = tokenized(data_args.validation_file, data_args.max_eval_samples, True)
+        if args.do_predict:
+            found.test = tokenized(data_args.test_file, data_args.max_predict_samples, True)
+    return found
+
+
+def generation_scorer(settings: RunSettings, model: torch.nn.Module, tokenizer: Any):
+    """``score(name, dataset)``: generate, write ``<output_dir>/<name>/generated_predictions.txt``, and score."""
+    args = settings.training
+    output_dir, is_main = Path(args.output_dir), args.process_index == 0
+    task = None if settings.data.task == "none" else settings.data.task
+
+    def score(name: str, dataset) -> dict[str, Any]:
+        target = (
+            output_dir / name / "generated_predictions.txt"
+            if name
+            else output_dir / "generated_predictions.txt"
         )
-        eval_loss_set = None
-        if data_args.validation_file and training_args.eval_strategy != "no":
-            eval_loss_set = tokenized(data_args.validation_file, data_args.max_eval_samples, False)
-        eval_gen_set = None
-        if data_args.validation_file and (training_args.do_eval or data_args.eval_generate_steps):
-            eval_gen_set = tokenized(data_args.validation_file, data_args.max_eval_samples, True)
-        test_set = None
-        if training_args.do_predict:
-            test_set = tokenized(data_args.test_file, data_args.max_predict_samples, True)
-
-    settings = GenerationSettings(
-        batch_size=training_args.per_device_eval_batch_size,
-        max_new_tokens=data_args.max_new_tokens,
-        do_sample=data_args.do_sample,
-        top_p=data_args.top_p,
-        temperature=data_args.temperature,
-        num_beams=training_args.generation_num_beams or 1,
-        seed=training_args.seed,
-    )
-    task = None if data_args.task == "none" else data_args.task
-
-    def evaluate_generation(
-        name: str, dataset, file_name: str = "generated_predictions.txt"
-    ) -> dict[str, Any]:
-        target = output_dir / name / file_name if name else output_dir / file_name
         metrics = evaluate_dataset(
-            model, tokenizer, dataset, settings, target if is_main else None, task=task, progress=is_main
+            model,
+            tokenizer,
+            dataset,
+            settings.generation,
+            target if is_main else None,
+            task=task,
+            progress=is_main,
+            batch_size=args.per_device_eval_batch_size,
+            seed=args.seed,
         )
         if is_main:
             print(f"[{name or 'eval'}] " + json.dumps(metrics, ensure_ascii=False), flush=True)
         return metrics
 
+    return score
+
+
+def make_trainer(settings: RunSettings, model, tokenizer, datasets: Datasets, score) -> TuningTrainer:
     callbacks = []
-    if data_args.eval_generate_steps and eval_gen_set is not None:
-        callbacks.append(
-            GenerationEvalCallback(
-                data_args.eval_generate_steps, lambda n: evaluate_generation(n, eval_gen_set)
-            )
-        )
-    trainer = PrefixTrainer(
+    every = settings.data.eval_generate_steps
+    if every and datasets.eval_generate is not None:
+        callbacks.append(GenerationEvalCallback(every, lambda name: score(name, datasets.eval_generate)))
+    return TuningTrainer(
         model=model,
-        args=training_args,
-        train_dataset=train_set,
-        eval_dataset=eval_loss_set,
+        args=settings.training,
+        train_dataset=datasets.train,
+        eval_dataset=datasets.eval_loss,
         data_collator=training_collator(tokenizer),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
 
+
+def train(trainer: TuningTrainer, plan: OutputPlan) -> dict[str, Any]:
+    result = trainer.train(resume_from_checkpoint=plan.resume)
+    trainer.save_model()
+    output_dir = Path(trainer.args.output_dir)
+    if trainer.args.process_index == 0:
+        curve = plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
+        print(
+            f"{tuning_of(trainer.model).name} checkpoint saved to {output_dir}; loss curve: {curve}",
+            flush=True,
+        )
+    return result.metrics
+
+
+def evaluate_before_after(
+    settings: RunSettings, model, datasets: Datasets, score, before=None
+) -> dict[str, Any]:
+    """Score the validation set with the method, and (``--compare_with_base``) without it; write the table."""
+    if before is None and settings.data.compare_with_base:
+        with tuning_of(model).bare():
+            before = score("before", datasets.eval_generate)
+    after = score("", datasets.eval_generate)
+    if settings.training.process_index == 0:
+        table = comparison_table(before, after, tuning_of(model).name)
+        print(
+            f"\nvalidation ({len(datasets.eval_generate)} examples, {settings.data.validation_file}):\n{table}\n",
+            flush=True,
+        )
+        atomic_write_text(Path(settings.training.output_dir) / "eval_table.md", table + "\n")
+    return {"before": before, "after": after}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    settings = parse_args(argv)
+    args = settings.training
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(args.seed)
+    logger.info("processes: %d, device: %s", args.world_size, args.device)
+    plan = start_run(settings)
+    tokenizer = load_tokenizer(settings.model.model_name_or_path)
+    model = build_model(settings)
+    trainable, total = count_parameters(model)
+    print(
+        f"{settings.model.method}: trainable {trainable:,} / total {total:,} ({100 * trainable / total:.4f}%)",
+        flush=True,
+    )
+    datasets = load_datasets(settings, tokenizer)
+    score = generation_scorer(settings, model, tokenizer)
+    trainer = make_trainer(settings, model, tokenizer, datasets, score)
+
     results: dict[str, Any] = {}
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=plan.resume)
-        trainer.save_model()
-        results["train"] = train_result.metrics
-        if is_main:
-            curve = plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
-            print(f"prefix saved to {output_dir}; loss curve: {curve}", flush=True)
-    if training_args.do_eval and eval_gen_set is not None:
-        before = None
-        if data_args.compare_with_base:
-            with prefix_disabled(model):
-                before = evaluate_generation("before", eval_gen_set)
-        after = evaluate_generation("", eval_gen_set)
-        results["eval"] = {"before": before, "after": after}
-        if is_main:
-            table = comparison_table(before, after)
-            print(
-                f"\nvalidation ({len(eval_gen_set)} examples, {data_args.validation_file}):\n{table}\n",
-                flush=True,
-            )
-            (output_dir / "eval_table.md").write_text(table + "\n")
-    if test_set is not None:
-        results["predict"] = evaluate_generation("predict", test_set)
-    if is_main:
-        (output_dir / "all_results.json").write_text(
-            json.dumps(results, indent=2, ensure_ascii=False, default=str)
+    evaluating = args.do_eval and datasets.eval_generate is not None
+    before = None
+    if evaluating and settings.data.compare_with_base and tuning_of(model).saves_backbone:
+        before = score(
+            "before", datasets.eval_generate
+        )  # full fine-tuning leaves no bare backbone afterwards
+    if args.do_train:
+        results["train"] = train(trainer, plan)
+    if evaluating:
+        results["eval"] = evaluate_before_after(settings, model, datasets, score, before)
+    if datasets.test is not None:
+        results["predict"] = score("predict", datasets.test)
+    if args.process_index == 0:
+        atomic_write_text(
+            Path(args.output_dir) / "all_results.json",
+            json.dumps(results, indent=2, ensure_ascii=False, default=str),
         )
     return results
 

@@ -48,12 +48,12 @@ def build_chat_fixture(root: Path) -> dict[str, Path]:
     ours = _random_prefix(
         model_dir, PrefixConfig(pre_seq_len=6, prefix_projection=True, prefix_dropout=0.0), 3
     )
-    paths["ours"] = ours.save_prefix(root / "ours")
+    paths["ours"] = ours.tuning.save(root / "ours")
 
     official = _random_prefix(model_dir, PrefixConfig(pre_seq_len=3, prefix_dropout=0.0), 4)
     paths["official"] = root / "official"
     paths["official"].mkdir()
-    weight = official.prefix_encoder.embedding.weight.detach().clone()
+    weight = official.tuning.encoder.embedding.weight.detach().clone()
     torch.save(
         {"transformer.prefix_encoder.embedding.weight": weight}, paths["official"] / "pytorch_model.bin"
     )
@@ -65,7 +65,7 @@ def _random_prefix(model_dir: Path, config: PrefixConfig, seed: int):
     model = load_model(str(model_dir))
     attach_prefix(model, config)
     torch.manual_seed(seed)
-    for param in model.prefix_encoder.parameters():
+    for param in model.tuning.encoder.parameters():
         torch.nn.init.normal_(param, std=0.5)
     return model
 

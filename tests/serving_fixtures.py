@@ -29,7 +29,7 @@ def _random_prefix(model_dir: Path, config: PrefixConfig, seed: int):
     model = load_model(str(model_dir))
     attach_prefix(model, config)
     torch.manual_seed(seed)
-    for param in model.prefix_encoder.parameters():
+    for param in model.tuning.encoder.parameters():
         torch.nn.init.normal_(param, std=0.5)
     return model
 
@@ -43,12 +43,12 @@ def build_serving_fixture(root: Path) -> dict[str, Path]:
     long = _random_prefix(
         model_dir, PrefixConfig(pre_seq_len=6, prefix_projection=True, prefix_dropout=0.0), 3
     )
-    paths["long"] = long.save_prefix(root / "long")
+    paths["long"] = long.tuning.save(root / "long")
 
     short = _random_prefix(model_dir, PrefixConfig(pre_seq_len=3, prefix_dropout=0.0), 4)
     official = root / "short-official"
     official.mkdir()
-    weight = short.prefix_encoder.embedding.weight.detach().clone()
+    weight = short.tuning.encoder.embedding.weight.detach().clone()
     torch.save({"transformer.prefix_encoder.embedding.weight": weight}, official / "pytorch_model.bin")
     (official / "config.json").write_text(json.dumps({"pre_seq_len": 3, "prefix_projection": False}))
     paths["short"] = official

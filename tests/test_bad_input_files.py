@@ -33,7 +33,7 @@ def prefixed(projection: bool = False):
     model = tiny_model("glm")
     attach_prefix(model, PrefixConfig(pre_seq_len=P, prefix_projection=projection, prefix_dropout=0.0))
     torch.manual_seed(1)
-    for param in model.prefix_encoder.parameters():
+    for param in model.tuning.encoder.parameters():
         torch.nn.init.normal_(param, std=0.5)
     return model
 
@@ -42,7 +42,7 @@ def prefixed(projection: bool = False):
 def ours(tmp_path) -> Path:
     """A good checkpoint in our format, with the projection MLP."""
     directory = tmp_path / "ckpt"
-    prefixed(projection=True).save_prefix(directory)
+    prefixed(projection=True).tuning.save(directory)
     return directory
 
 
@@ -184,7 +184,7 @@ def _official(
     directory: Path, projection: bool = False, config: dict | None = None, fmt: str = "bin"
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    state = {OFFICIAL + k: v.clone() for k, v in prefixed(projection).prefix_encoder.state_dict().items()}
+    state = {OFFICIAL + k: v.clone() for k, v in prefixed(projection).tuning.encoder.state_dict().items()}
     if fmt == "bin":
         torch.save(state, directory / "pytorch_model.bin")
     else:

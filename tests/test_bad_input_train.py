@@ -197,7 +197,7 @@ def test_vanished_gradient_stops_naming_the_step(workdir, tmp_path, monkeypatch)
 
     def with_zero_gradient(args):
         model = build(args)
-        for parameter in model.prefix_encoder.parameters():
+        for parameter in model.tuning.encoder.parameters():
             parameter.register_hook(torch.zeros_like)
         return model
 
@@ -279,7 +279,7 @@ def test_model_path_check_leaves_hub_ids_to_the_hub(monkeypatch, tmp_path):
         ("--learning_rate", "0"),
         ("--learning_rate", "-0.1"),
         ("--prefix_dropout", "1.5"),
-        ("--method", "lora"),
+        ("--method", "adapters"),
         ("--quantization_bit", "3"),
         ("--torch_dtype", "fp8"),
         ("--task", "translation"),
@@ -375,7 +375,10 @@ def script_error(result: subprocess.CompletedProcess, *expected: str) -> None:
         ("PRE_SEQ_LEN=1.5", "PRE_SEQ_LEN"),
         ("MASTER_PORT=http", "MASTER_PORT"),
         ("PREFIX_DROPOUT=high", "PREFIX_DROPOUT"),
-        ("METHOD=lora", "METHOD must be one of: ptuning_v2 prefix_tuning; got 'lora'"),
+        (
+            "METHOD=adapters",
+            "METHOD must be one of: ptuning_v2 prefix_tuning ptuning_v1 prompt_tuning lora full; got 'adapters'",
+        ),
         ("QUANTIZATION_BIT=3", "QUANTIZATION_BIT must be one of: none 4 8; got '3'"),
         ("PREFIX_PROJECTION=maybe", "PREFIX_PROJECTION must be true or false"),
         ("COMPARE_WITH_BASE=2", "COMPARE_WITH_BASE"),
@@ -441,15 +444,15 @@ def test_python_boolean_flags_take_the_usual_spellings(capsys):
     from ptuning_v2.evaluate import parse_args as evaluate_args
     from ptuning_v2.train import parse_args
 
-    model_args, data_args, training_args = parse_args(
+    settings = parse_args(
         ["--do_sample", "On", "--prefix_projection", "YES", "--compare_with_base", "0", "--output_dir", "o"]
     )
-    assert data_args.do_sample and model_args.prefix_projection and not data_args.compare_with_base
-    assert not training_args.overwrite_output_dir
+    assert settings.generation.do_sample and settings.method.prefix_projection
+    assert not settings.data.compare_with_base and not settings.training.overwrite_output_dir
     base = ["--model", "models/glm-zh-tiny", "--test_file", __file__, "--output_dir", "o"]
-    assert evaluate_args([*base, "--do_sample"]).do_sample is True
-    assert evaluate_args([*base, "--do_sample", "1"]).do_sample is True
-    assert evaluate_args([*base, "--do_sample", "off"]).do_sample is False
+    assert evaluate_args([*base, "--do_sample"])[1].do_sample is True
+    assert evaluate_args([*base, "--do_sample", "1"])[1].do_sample is True
+    assert evaluate_args([*base, "--do_sample", "off"])[1].do_sample is False
     with pytest.raises(SystemExit):
         parse_args(["--do_sample", "maybe", "--output_dir", "o"])
     assert "expected true or false" in capsys.readouterr().err

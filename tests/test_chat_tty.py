@@ -173,7 +173,7 @@ def test_which_prefixes_load(tmp_path, monkeypatch):
     monkeypatch.setattr(conversation, "default_prefixes", lambda: {"ner": "output/ner-ptuning_v2-64-1e-1"})
 
     def loaded(*argv: str) -> dict[str, str]:
-        return conversation.prefixes_from_args(chat.parse_args(list(argv)))
+        return conversation.prefixes_from_args(chat.parse_args(list(argv))[0])
 
     assert loaded() == {"ner": "output/ner-ptuning_v2-64-1e-1"}
     assert loaded("--prefixes", "") == {}

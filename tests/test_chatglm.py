@@ -468,7 +468,7 @@ def test_attach_prefix_batch_matches_reference(checkpoints, weights, tmp_path):
     model, _ = load_chatglm_as_glm(checkpoints["safetensors-sharded"])
     attach_prefix(model, PrefixConfig(pre_seq_len=PRE_SEQ_LEN))
     with torch.no_grad():
-        model.prefix_encoder.embedding.weight.copy_(table.float())
+        model.tuning.encoder.embedding.weight.copy_(table.float())
     model.eval()  # the official Dropout(0.1) on the prefix is off at inference
     batch = torch.stack([PROMPT, PROMPT.flip(0)])
     with torch.no_grad():

@@ -29,7 +29,7 @@ def _parameters(function) -> list[str]:
 @pytest.mark.parametrize(
     ("method", "expected"),
     [
-        # ptuning_v2.train.PrefixTrainer overrides these to write prefix-only, atomic checkpoints.
+        # ptuning_v2.train.TuningTrainer overrides these to write prefix-only, atomic checkpoints.
         ("_save_checkpoint", ["model", "trial"]),
         ("_save_optimizer_and_scheduler", ["output_dir"]),
         ("_load_from_checkpoint", ["resume_from_checkpoint", "model"]),
@@ -41,14 +41,14 @@ def test_private_trainer_methods_we_override_keep_their_signature(method, expect
 
 
 def test_trainer_reads_deepspeed_load_checkpoint_from_its_module():
-    # PrefixTrainer swaps it for a non-strict load (our DeepSpeed checkpoints leave out the frozen backbone).
+    # TuningTrainer swaps it for a non-strict load (our DeepSpeed checkpoints leave out the frozen backbone).
     assert callable(transformers.trainer.deepspeed_load_checkpoint)
     source = inspect.getsource(Trainer)
     assert "deepspeed_load_checkpoint(" in source
 
 
 def test_quantized_training_guard_reads_the_peft_flag():
-    # PrefixTrainer sets _hf_peft_config_loaded while the Trainer checks a quantized model: the prefix is the adapter.
+    # TuningTrainer sets _hf_peft_config_loaded while the Trainer checks a quantized model: the prefix is the adapter.
     assert "_hf_peft_config_loaded" in inspect.getsource(transformers.trainer_utils)
 
 

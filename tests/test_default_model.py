@@ -79,11 +79,11 @@ def test_loads_through_load_model_with_a_prefix(tmp_path) -> None:
     model = load_model(str(MODEL_DIR))
     assert not any(p.requires_grad for p in model.parameters())
     attach_prefix(model, PrefixConfig(pre_seq_len=4))
-    model.save_prefix(tmp_path)
+    model.tuning.save(tmp_path)
     reloaded = load_model(str(MODEL_DIR), ptuning_checkpoint=str(tmp_path))
     cfg = reloaded.config
     assert (
-        reloaded.prefix_encoder.kv_shape.kv_size
+        reloaded.tuning.encoder.kv_shape.kv_size
         == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim
     )
     tokenizer = load_tokenizer(str(MODEL_DIR))

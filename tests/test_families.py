@@ -120,7 +120,7 @@ def prefixed(family: str, position_convention: str | None = None) -> torch.nn.Mo
     )
     attach_prefix(model, config)
     torch.manual_seed(100)
-    torch.nn.init.normal_(model.prefix_encoder.embedding.weight, std=0.5)  # non-trivial prefix values
+    torch.nn.init.normal_(model.tuning.encoder.embedding.weight, std=0.5)  # non-trivial prefix values
     return model
 
 
@@ -177,7 +177,7 @@ def test_gradient_checkpointing_matches_plain(family):
         model.train()
         loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         loss.backward()
-        results.append((loss.detach(), model.prefix_encoder.embedding.weight.grad.clone()))
+        results.append((loss.detach(), model.tuning.encoder.embedding.weight.grad.clone()))
     (loss_a, grad_a), (loss_b, grad_b) = results
     assert grad_a.abs().sum() > 0
     assert torch.allclose(loss_a, loss_b, atol=1e-6, rtol=0)
@@ -194,7 +194,7 @@ def test_checkpointing_that_drops_the_cache_is_refused(family):
         model(input_ids=ids, labels=ids)
     model.activation_checkpointing_disable()  # without it, training works
     model(input_ids=ids, labels=ids).loss.backward()
-    assert model.prefix_encoder.embedding.weight.grad.abs().sum() > 0
+    assert model.tuning.encoder.embedding.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

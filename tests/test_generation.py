@@ -32,9 +32,9 @@ def prefixed_dir(tmp_path_factory) -> Path:
     model = load_model(str(root / "model"))
     attach_prefix(model, PrefixConfig(pre_seq_len=6, prefix_projection=True, prefix_dropout=0.0))
     torch.manual_seed(3)
-    for param in model.prefix_encoder.parameters():
+    for param in model.tuning.encoder.parameters():
         torch.nn.init.normal_(param, std=0.3)
-    model.save_prefix(root / "prefix")
+    model.tuning.save(root / "prefix")
     return root
 
 
@@ -55,9 +55,9 @@ def test_batch_of_16_generates_exactly_what_batch_1_does(prefixed_dir):
     assert len({len(p) for p in prompts}) > 8
     settings = GenerationSettings(max_new_tokens=12)
     batched, speed = generate_texts(
-        model, tokenizer, prompts, GenerationSettings(batch_size=16, max_new_tokens=12)
+        model, tokenizer, prompts, GenerationSettings(max_new_tokens=12), batch_size=16
     )
-    single, _ = generate_texts(model, tokenizer, prompts, GenerationSettings(batch_size=1, max_new_tokens=12))
+    single, _ = generate_texts(model, tokenizer, prompts, GenerationSettings(max_new_tokens=12), batch_size=1)
     assert batched == single
     assert any(batched) and speed["examples"] == 20 and speed["new_tokens_per_second"] > 0
     # and the same tokens as calling generate on each prompt alone
@@ -72,9 +72,9 @@ def test_prefix_is_computed_once_per_batch(prefixed_dir):
     tokenizer = load_tokenizer(str(prefixed_dir / "model"))
     model = load_model(str(prefixed_dir / "model"), ptuning_checkpoint=str(prefixed_dir / "prefix"))
     calls = []
-    model.prefix_encoder.register_forward_hook(lambda *_: calls.append(1))
+    model.tuning.encoder.register_forward_hook(lambda *_: calls.append(1))
     generate_texts(
-        model, tokenizer, prompts_of(tokenizer, 10), GenerationSettings(batch_size=4, max_new_tokens=8)
+        model, tokenizer, prompts_of(tokenizer, 10), GenerationSettings(max_new_tokens=8), batch_size=4
     )
     assert len(calls) == 3  # ceil(10 / 4) batches, however many tokens each generates
 
@@ -83,9 +83,9 @@ def test_sampling_follows_the_seed(prefixed_dir):
     tokenizer = load_tokenizer(str(prefixed_dir / "model"))
     model = load_model(str(prefixed_dir / "model"), ptuning_checkpoint=str(prefixed_dir / "prefix"))
     prompts = prompts_of(tokenizer, 6)
-    sample = GenerationSettings(batch_size=3, max_new_tokens=10, do_sample=True, seed=1)
-    first, _ = generate_texts(model, tokenizer, prompts, sample)
-    again, _ = generate_texts(model, tokenizer, prompts, sample)
+    sample = GenerationSettings(max_new_tokens=10, do_sample=True)
+    first, _ = generate_texts(model, tokenizer, prompts, sample, batch_size=3, seed=1)
+    again, _ = generate_texts(model, tokenizer, prompts, sample, batch_size=3, seed=1)
     assert first == again
 
 

@@ -36,7 +36,7 @@ def prefixed(kind="glm", projection=False, seed=0, dtype=torch.float32, **config
         model, PrefixConfig(pre_seq_len=P, prefix_projection=projection, prefix_dropout=0.0, **config)
     )
     torch.manual_seed(seed + 100)
-    for param in model.prefix_encoder.parameters():  # non-trivial prefix values
+    for param in model.tuning.encoder.parameters():  # non-trivial prefix values
         torch.nn.init.normal_(param, std=0.5)
     return model
 
@@ -67,7 +67,7 @@ def test_kv_shape_and_cache_shapes(kind):
     heads = config.num_key_value_heads
     assert shape == KVShape(config.num_hidden_layers, heads, 8, config.hidden_size)
     assert shape.kv_size == config.num_hidden_layers * 2 * heads * 8
-    pairs = model.prefix_encoder(batch_size=3)
+    pairs = model.tuning.encoder(batch_size=3)
     assert len(pairs) == config.num_hidden_layers
     for key, value in pairs:
         assert key.shape == value.shape == (3, heads, P, 8)
@@ -177,15 +177,15 @@ def test_prefix_dropout_only_in_training():
 
 def test_bf16_backbone_fp32_encoder():
     model = prefixed("glm", dtype=torch.bfloat16)
-    assert model.prefix_encoder.embedding.weight.dtype == torch.float32
-    key, _ = model.prefix_encoder(1, dtype=torch.bfloat16)[0]
+    assert model.tuning.encoder.embedding.weight.dtype == torch.float32
+    key, _ = model.tuning.encoder(1, dtype=torch.bfloat16)[0]
     assert key.dtype == torch.bfloat16
     model.train()
     ids = random_ids(2, 6)
     loss = model(input_ids=ids, labels=ids).loss
     assert loss.dtype == torch.bfloat16 or loss.dtype == torch.float32
     loss.backward()
-    assert model.prefix_encoder.embedding.weight.grad.dtype == torch.float32
+    assert model.tuning.encoder.embedding.weight.grad.dtype == torch.float32
     model.eval()
     out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
     assert out.shape == (2, 9)
@@ -199,7 +199,7 @@ def test_chatglm_positions_start_at_zero(kind):
     """Same logits as feeding the prefix by hand with positions 0..n-1 and an extended mask."""
     model = prefixed(kind)
     ids = random_ids(2, 6)
-    pairs = model.prefix_encoder(2)
+    pairs = model.tuning.encoder(2)
     cache = DynamicCache(ddp_cache_data=[(k.detach(), v.detach()) for k, v in pairs])
     mask = torch.ones(2, P + 6, dtype=torch.long)
     positions = torch.arange(6).unsqueeze(0).expand(2, -1)
@@ -419,7 +419,7 @@ def test_generate_stops_at_eos_and_pads():
 @pytest.mark.parametrize("projection", [False, True])
 def test_save_load_is_bit_exact(tmp_path, kind, projection):
     model = prefixed(kind, projection)
-    model.save_prefix(tmp_path / "ckpt")
+    model.tuning.save(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "prefix_config.json",
         "prefix_model.safetensors",
@@ -428,26 +428,26 @@ def test_save_load_is_bit_exact(tmp_path, kind, projection):
     assert meta["pre_seq_len"] == P and meta["prefix_projection"] == projection
     assert meta["kv_shape"]["kv_size"] == kv_shape_from_config(model.config).kv_size
     fresh = load_prefix(tiny_model(kind), tmp_path / "ckpt")
-    for name, tensor in model.prefix_encoder.state_dict().items():
-        assert torch.equal(tensor, fresh.prefix_encoder.state_dict()[name])
+    for name, tensor in model.tuning.encoder.state_dict().items():
+        assert torch.equal(tensor, fresh.tuning.encoder.state_dict()[name])
     ids = random_ids(2, 6)
     assert torch.equal(logits(model, ids), logits(fresh, ids))
 
 
 def test_checkpoint_holds_only_the_prefix(tmp_path):
     model = prefixed("glm", projection=True)
-    model.save_prefix(tmp_path)
+    model.tuning.save(tmp_path)
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "prefix_model.safetensors")
-    assert sum(t.numel() for t in saved.values()) == sum(p.numel() for p in model.prefix_encoder.parameters())
+    assert sum(t.numel() for t in saved.values()) == sum(p.numel() for p in model.tuning.encoder.parameters())
 
 
 def test_load_model_with_checkpoint(tmp_path):
     base = tiny_model("glm")
     base.save_pretrained(tmp_path / "base")
     model = prefixed("glm", projection=True)
-    model.save_prefix(tmp_path / "prefix")
+    model.tuning.save(tmp_path / "prefix")
     loaded = load_model(str(tmp_path / "base"), ptuning_checkpoint=str(tmp_path / "prefix"))
     assert not any(
         p.requires_grad for n, p in loaded.named_parameters() if not n.startswith("prefix_encoder")
@@ -458,7 +458,7 @@ def test_load_model_with_checkpoint(tmp_path):
 
 def test_mismatched_checkpoint_names_every_field(tmp_path):
     trained = prefixed("glm", projection=True)
-    trained.save_prefix(tmp_path)
+    trained.tuning.save(tmp_path)
     other = tiny_model("llama_mqa")
     with pytest.raises(ValueError) as err:
         load_prefix(other, tmp_path)
@@ -478,7 +478,7 @@ def test_mismatched_checkpoint_names_every_field(tmp_path):
 
 
 def test_same_kv_size_other_layout_is_refused_before_attaching(tmp_path):
-    prefixed("glm").save_prefix(tmp_path)  # 2 layers x 2 kv heads x 8 dims
+    prefixed("glm").tuning.save(tmp_path)  # 2 layers x 2 kv heads x 8 dims
     other = tiny_model("llama_mqa", head_dim=16)  # 2 layers x 1 kv head x 16 dims: same kv_size 64
     assert kv_shape_from_config(other.config).kv_size == 64
     with pytest.raises(ValueError, match="num_kv_heads=1, head_dim=16"):
@@ -496,7 +496,7 @@ def test_missing_or_foreign_directories(tmp_path):
 
 
 def _official_state(model, with_prefix_key="transformer.prefix_encoder."):
-    return {with_prefix_key + k: v.clone() for k, v in model.prefix_encoder.state_dict().items()}
+    return {with_prefix_key + k: v.clone() for k, v in model.tuning.encoder.state_dict().items()}
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -550,7 +550,7 @@ def test_same_logits_as_peft_prefix_tuning(tmp_path, kind):
     from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
     ours = prefixed(kind, position_convention="peft")
-    table = ours.prefix_encoder.table().detach()
+    table = ours.tuning.encoder.table().detach()
     peft_model = get_peft_model(
         tiny_model(kind), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
     )
@@ -589,11 +589,11 @@ def test_bake_gives_identical_logits_and_a_smaller_file(tmp_path, kind):
     model = prefixed(kind, projection=True)
     ids = random_ids(2, 6)
     before = logits(model, ids)
-    model.save_prefix(tmp_path / "mlp")
+    model.tuning.save(tmp_path / "mlp")
     bake_prefix(model)
-    assert not hasattr(model.prefix_encoder, "trans")
+    assert not hasattr(model.tuning.encoder, "trans")
     assert torch.equal(logits(model, ids), before)
-    model.save_prefix(tmp_path / "baked")
+    model.tuning.save(tmp_path / "baked")
     size = lambda d: (tmp_path / d / "prefix_model.safetensors").stat().st_size  # noqa: E731
     assert size("baked") < size("mlp")
     reloaded = load_prefix(tiny_model(kind), tmp_path / "baked")
@@ -618,7 +618,7 @@ def test_classification_models_train_prefix_and_head(tmp_path, task):
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"prefix_encoder", "score"}
     model.eval()
-    model.save_prefix(tmp_path)
+    model.tuning.save(tmp_path)
     fresh = tiny_classifier(task)
     torch.nn.init.normal_(fresh.score.weight)  # the head must come from the checkpoint
     reloaded = load_prefix(fresh, tmp_path)

@@ -21,7 +21,7 @@ import bitsandbytes.functional as bnb_functional  # noqa: E402
 import bitsandbytes.nn.modules as bnb_modules  # noqa: E402
 
 from ptuning_v2 import load_model  # noqa: E402
-from ptuning_v2.attach import attach_prefix  # noqa: E402
+from ptuning_v2.methods import attach_prefix  # noqa: E402
 from ptuning_v2.prefix_encoder import PrefixConfig  # noqa: E402
 from ptuning_v2.quantization import prepare_4bit_for_cpu  # noqa: E402
 
@@ -120,9 +120,9 @@ def test_int4_prefix_still_learns_after_an_evaluation(path, tmp_path_factory, mo
 
     def prefix_grad() -> torch.Tensor:
         model.train()
-        model.prefix_encoder.zero_grad(set_to_none=True)
+        model.tuning.encoder.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
-        return model.prefix_encoder.embedding.weight.grad.clone()
+        return model.tuning.encoder.embedding.weight.grad.clone()
 
     before = prefix_grad()
     model.eval()

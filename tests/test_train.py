@@ -98,7 +98,7 @@ def test_loss_falls_below_half(workdir, capsys):
     assert (out / "loss_curve.png").stat().st_size > 1000
     # the final checkpoint loads through load_model
     model = load_model(str(workdir / "model"), ptuning_checkpoint=str(out))
-    assert model.prefix_config.pre_seq_len == 8
+    assert model.tuning.config.pre_seq_len == 8
 
 
 def test_resume_continues_exactly(workdir):
@@ -127,7 +127,7 @@ def test_checkpoints_hold_only_the_prefix(workdir):
     assert {"prefix_model.safetensors", "prefix_config.json", "optimizer.pt", "scheduler.pt"} <= names
     assert not any(n.startswith("model") or n.endswith(".bin") and n != "training_args.bin" for n in names)
     model = load_model(str(workdir / "model"), ptuning_checkpoint=str(checkpoint))
-    expected = sum(p.numel() for p in model.prefix_encoder.parameters())  # embedding + MLP
+    expected = sum(p.numel() for p in model.tuning.encoder.parameters())  # embedding + MLP
     stored = sum(t.numel() for f in checkpoint.glob("*.safetensors") for t in load_file(f).values())
     assert stored == expected
     assert not list(out.glob(".staging*")) and not list(out.glob("**/.tmp-prefix-*"))
@@ -142,7 +142,7 @@ def test_quantized_backbone_trains(workdir, bits):
     model = load_model(str(workdir / "model"), ptuning_checkpoint=str(out), quantization_bit=bits)
     layer_types = {type(m).__name__ for m in model.modules()}
     assert ("Linear8bitLt" if bits == "8" else "Linear4bit") in layer_types
-    assert model.prefix_encoder.embedding.weight.dtype == torch.float32
+    assert model.tuning.encoder.embedding.weight.dtype == torch.float32
 
 
 def test_evaluation_before_and_after(workdir, capsys):
@@ -156,7 +156,7 @@ def test_evaluation_before_and_after(workdir, capsys):
     assert len(lines) == 16 and set(json.loads(lines[0])) == {"labels", "predict"}
     assert (out / "before" / "generated_predictions.txt").exists()
     assert (out / "step-2" / "generated_predictions.txt").exists()  # evaluated during training too
-    assert "| metric | before (no prefix) | after (prefix) | change |" in capsys.readouterr().out
+    assert "| metric | before (backbone alone) | after (ptuning_v2) | change |" in capsys.readouterr().out
 
 
 def test_config_file_instead_of_flags(tmp_path):
@@ -170,10 +170,13 @@ def test_config_file_instead_of_flags(tmp_path):
     (tmp_path / "run.yaml").write_text(
         "model_name_or_path: m\noutput_dir: out\npre_seq_len: 32\nlearning_rate: 0.02\n"
     )
-    model_args, data_args, training_args = parse_args([str(tmp_path / "run.json")])
-    assert model_args.pre_seq_len == 64 and data_args.train_file == "t.json"
-    model_args, _, training_args = parse_args([str(tmp_path / "run.yaml")])
-    assert model_args.pre_seq_len == 32 and training_args.learning_rate == 0.02
+    settings = parse_args([str(tmp_path / "run.json")])
+    assert settings.method.pre_seq_len == 64 and settings.data.train_file == "t.json"
+    settings = parse_args([str(tmp_path / "run.yaml")])
+    assert settings.method.pre_seq_len == 32 and settings.training.learning_rate == 0.02
+    # --config FILE with flags beside it: the flags win
+    settings = parse_args(["--config", str(tmp_path / "run.yaml"), "--pre_seq_len", "4"])
+    assert settings.method.pre_seq_len == 4 and settings.training.learning_rate == 0.02
 
 
 # ---------------------------------------------------------------- bad input
@@ -291,7 +294,7 @@ def test_two_process_deepspeed_through_the_script(workdir, stage):
             f"global_step{step}",
         } <= files
     model = load_model(str(workdir / "model"), ptuning_checkpoint=str(out))
-    assert torch.isfinite(model.prefix_encoder.embedding.weight).all()
+    assert torch.isfinite(model.tuning.encoder.embedding.weight).all()
     # DeepSpeed's own files hold the prefix only, never the frozen backbone
     states = [
         torch.load(f, weights_only=False)
@@ -319,25 +322,25 @@ if __name__ == "__main__":
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(workdir, tmp_path, monkeypatch):
     from transformers.trainer_utils import get_last_checkpoint
 
-    from ptuning_v2.train import PrefixTrainer
+    from ptuning_v2.train import TuningTrainer
 
-    original = PrefixTrainer._save_rng_state
+    original = TuningTrainer._save_rng_state
 
     def crash_on_second_save(self, output_dir):
         if self.state.global_step == 2:
             raise KeyboardInterrupt("killed while writing checkpoint-2")
         return original(self, output_dir)
 
-    monkeypatch.setattr(PrefixTrainer, "_save_rng_state", crash_on_second_save)
+    monkeypatch.setattr(TuningTrainer, "_save_rng_state", crash_on_second_save)
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         main(train_args(workdir, out, "--save_steps", "1", steps=3))
     assert get_last_checkpoint(str(out)) == str(out / "checkpoint-1")
     assert not (out / "checkpoint-2").exists()  # the half-written one stays out of sight
     model = load_model(str(workdir / "model"), ptuning_checkpoint=str(out / "checkpoint-1"))
-    assert torch.isfinite(model.prefix_encoder.embedding.weight).all()
+    assert torch.isfinite(model.tuning.encoder.embedding.weight).all()
     # and training resumes from it
-    monkeypatch.setattr(PrefixTrainer, "_save_rng_state", original)
+    monkeypatch.setattr(TuningTrainer, "_save_rng_state", original)
     main(train_args(workdir, out, "--save_steps", "1", "--resume_from_checkpoint", "true", steps=3))
     assert (out / "checkpoint-3").is_dir()
 

@@ -31,11 +31,14 @@ from jinja2 import TemplateError
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from ..checkpoint import load_prefix_checkpoint, load_prefix_weights
+from ..checkpoint import PREFIX_METHODS, checkpoint_method, load_prefix_checkpoint, read_tuning_checkpoint
 from ..compat import cache_argument, output_cache
 from ..data import ROLES, generation_prompt_ids
-from ..generation import stop_token_ids
+from ..generation import GenerationSettings, stop_token_ids
 from ..loading import load_model, load_tokenizer, quantization_config
+from ..methods import method_class, method_config
+from ..methods.prefix import load_prefix_into_encoder
+from ..methods.virtual_tokens import VirtualTokenMethod, virtual_token_table
 from ..prefix_encoder import KVShape, PrefixEncoder, kv_shape_from_config
 
 # generation_prompt_ids cuts long prompts to this many tokens; the engine wants them whole so that a prompt too
@@ -45,10 +48,12 @@ _NO_TRUNCATION = 1 << 40
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 256
-    do_sample: bool = False  # greedy unless asked
-    temperature: float = 0.95
-    top_p: float = 0.7
+    """One request's sampling; the defaults are ``GenerationSettings``' (declared there once)."""
+
+    max_new_tokens: int = GenerationSettings.max_new_tokens
+    do_sample: bool = GenerationSettings.do_sample  # greedy unless asked
+    temperature: float = GenerationSettings.temperature
+    top_p: float = GenerationSettings.top_p
     seed: int | None = None  # per request: same seed -> same sample, whatever else is in the batch
     stop: list[str] = field(default_factory=list)
 
@@ -94,32 +99,58 @@ class PrefixTable:
 
 
 def load_prefix_table(
-    name: str, path: str, kv_shape: KVShape, dtype: torch.dtype, device: torch.device
+    name: str, path: str, kv_shape: KVShape, dtype: torch.dtype, device: torch.device, backbone: nn.Module
 ) -> PrefixTable:
-    """Read a prefix checkpoint (any format) and compute its table; ValueError when it does not fit."""
-    checkpoint = load_prefix_checkpoint(path)
-    # load_prefix_weights checks the checkpoint against an encoder built for this backbone and names every
-    # mismatch; it only needs an object holding that encoder.
-    holder = nn.Module()
-    holder.prefix_encoder = PrefixEncoder(checkpoint.config, kv_shape)
-    try:
-        load_prefix_weights(holder, checkpoint)
-    except ValueError as err:
-        raise ValueError(f"prefix {name!r}: {err}") from err
-    encoder = holder.prefix_encoder.eval()
-    with torch.no_grad():
-        table = encoder.table().float()
-    # (P, kv_size) -> (2L, kv_heads, P, head_dim): slot 2i is layer i's key, 2i+1 its value (see PrefixEncoder).
-    slots = table.view(table.shape[0], 2 * kv_shape.num_layers, kv_shape.num_kv_heads, kv_shape.head_dim)
-    slots = slots.to(dtype).permute(1, 2, 0, 3).contiguous().to(device)
+    """Read a checkpoint whose method acts as a key/value prefix at inference and compute its table.
+
+    P-Tuning v2 / Prefix-Tuning checkpoints (any format) hold the table (a projection MLP is run once); P-Tuning v1
+    / Prompt Tuning virtual tokens are run through the backbone once (attention is causal, so their keys and values
+    are all later tokens see of them) and serve as a prefix whose real tokens start at position P. ValueError
+    naming the checkpoint when it does not fit.
+    """
+    method = checkpoint_method(path)
+    if method in PREFIX_METHODS:
+        checkpoint = load_prefix_checkpoint(path)
+        try:
+            encoder = load_prefix_into_encoder(checkpoint, PrefixEncoder(checkpoint.config, kv_shape)).eval()
+        except ValueError as err:
+            raise ValueError(f"prefix {name!r}: {err}") from err
+        with torch.no_grad():
+            table = encoder.table().float()
+        # (P, kv_size) -> (2L, kv_heads, P, head_dim): slot 2i is layer i's key, 2i+1 its value (see PrefixEncoder).
+        slots = table.view(table.shape[0], 2 * kv_shape.num_layers, kv_shape.num_kv_heads, kv_shape.head_dim)
+        slots = slots.to(dtype).permute(1, 2, 0, 3).contiguous().to(device)
+        pairs = [(slots[2 * i], slots[2 * i + 1]) for i in range(kv_shape.num_layers)]
+        source, convention = checkpoint.source, checkpoint.config.position_convention
+    else:
+        cls = method_class(method)
+        if not issubclass(cls, VirtualTokenMethod):
+            raise ValueError(
+                f"prefix {name!r}: {path} is a {method} checkpoint, which changes the backbone's weights; it cannot "
+                "share a backbone with other checkpoints. Serve it alone (its only checkpoint), or as the --model"
+            )
+        checkpoint = read_tuning_checkpoint(path)
+        try:
+            config = method_config(method, checkpoint.meta)
+            pairs = virtual_token_table(backbone, checkpoint, cls, config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"prefix {name!r}: {err}") from err
+        pairs = [(k.to(dtype).contiguous(), v.to(dtype).contiguous()) for k, v in pairs]
+        source, convention = method, "peft"  # the virtual tokens hold positions 0..P-1
     return PrefixTable(
         name=name,
         path=str(path),
-        source=checkpoint.source,
-        position_convention=checkpoint.config.position_convention,
-        keys=[slots[2 * i] for i in range(kv_shape.num_layers)],
-        values=[slots[2 * i + 1] for i in range(kv_shape.num_layers)],
+        source=source,
+        position_convention=convention,
+        keys=[k for k, _ in pairs],
+        values=[v for _, v in pairs],
     )
+
+
+def _is_prefix_like(path: str) -> bool:
+    """Whether a checkpoint acts as a key/value prefix at inference (so many share one backbone)."""
+    method = checkpoint_method(path)
+    return method in PREFIX_METHODS or issubclass(method_class(method), VirtualTokenMethod)
 
 
 # ------------------------------------------------------------------------------------------------ requests
@@ -280,7 +311,20 @@ class Engine:
         stays where bitsandbytes put it).
         """
         tokenizer = load_tokenizer(model)
-        backbone = load_model(model, None, quantization_bit)  # bare: the engine places the prefixes itself
+        # A LoRA or full fine-tuning checkpoint changes the backbone itself: served alone, as the backbone.
+        weight_changing = {n: p for n, p in prefixes.items() if not _is_prefix_like(p)}
+        backbone_checkpoint = None
+        if weight_changing:
+            if len(prefixes) > 1:
+                names = ", ".join(f"{n} ({checkpoint_method(p)})" for n, p in weight_changing.items())
+                raise ValueError(
+                    f"{names}: a checkpoint that changes the backbone's weights cannot share a backbone with other "
+                    "checkpoints; serve it alone"
+                )
+            (checkpoint_name, backbone_checkpoint), prefixes = next(iter(weight_changing.items())), {}
+        backbone = load_model(
+            model, backbone_checkpoint, quantization_bit
+        )  # the engine places prefixes itself
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if quantization_config(quantization_bit, torch.float32) is None:
@@ -289,9 +333,10 @@ class Engine:
         dtype = backbone.get_input_embeddings().weight.dtype
         device = backbone.get_input_embeddings().weight.device
         tables = {
-            name: load_prefix_table(name, path, kv_shape, dtype, device) for name, path in prefixes.items()
+            name: load_prefix_table(name, path, kv_shape, dtype, device, backbone)
+            for name, path in prefixes.items()
         }
-        name = Path(model).name or str(model)
+        name = checkpoint_name if backbone_checkpoint else Path(model).name or str(model)
         return cls(backbone, tokenizer, tables, name, max_batch_size, batch_wait_ms)
 
     # ------------------------------------------------------------------------------------------ public
