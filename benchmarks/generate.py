@@ -264,6 +264,49 @@ def decode_ms_per_token(
     return {name: summary(1000 * s for s in values[1:]) for name, values in per_step.items()}
 
 
+# ------------------------------------------------------------------------------------------------ int4 layer kernel
+LAYER_SIZE = (
+    4096  # a ChatGLM-6B-sized projection; glm-zh-tiny's 256-wide layers hide the kernels' differences
+)
+
+
+def nf4_layer(dense: nn.Linear, packed: bool) -> nn.Module:
+    """``dense`` quantised to nf4 (fp32 compute); ``packed=False`` pins it to bitsandbytes' generic CPU path."""
+    from bitsandbytes.nn import Linear4bit, Params4bit
+
+    layer = Linear4bit(dense.in_features, dense.out_features, bias=False, compute_dtype=torch.float32)
+    layer.weight = Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    layer = layer.to(device()).eval()
+    if not packed:
+        layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def int4_layer_ms(tokens: int, repeats: int, calls: int = 20) -> dict[str, dict[str, float]]:
+    """One 4096x4096 projection at inference (no grad) on ``tokens`` rows: fp32, bf16, nf4 packed, nf4 generic."""
+    torch.manual_seed(0)
+    dense = nn.Linear(LAYER_SIZE, LAYER_SIZE, bias=False).to(device()).eval()
+    layers = {
+        "fp32": dense,
+        "bf16": nn.Linear(LAYER_SIZE, LAYER_SIZE, bias=False).to(device(), torch.bfloat16).eval(),
+        "int4": nf4_layer(dense, packed=True),
+        "int4-generic": nf4_layer(dense, packed=False),
+    }
+    x = torch.randn(tokens, LAYER_SIZE, device=device())
+
+    def forward(name: str) -> Callable[[], None]:
+        inputs = x.to(torch.bfloat16) if name == "bf16" else x
+
+        @torch.no_grad()
+        def run() -> None:
+            layers[name](inputs)
+
+        return run
+
+    rounds = alternate({name: forward(name) for name in layers}, repeats, warmup=2, calls=calls)
+    return {name: summary(1000 * s for s in seconds) for name, seconds in rounds.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------- summary
 def headline(
     batched: dict, decode: dict[str, dict[str, dict[str, float]]], plan: Plan
@@ -283,6 +326,11 @@ def headline(
             values[f"{name.replace('-', '_')}_vs_fp32_decode_time"] = ratio(
                 decode["backbones"][name]["median"], decode["backbones"]["fp32"]["median"]
             )
+        for tokens, layer in decode["layer"].items():
+            for name in ("int4", "int4-generic"):
+                values[f"{name.replace('-', '_')}_vs_fp32_layer_time_{tokens}_tokens"] = ratio(
+                    layer[name]["median"], layer["fp32"]["median"]
+                )
     return values
 
 
@@ -340,6 +388,25 @@ def markdown(batched: dict, decode: dict, plan: Plan, seconds: float) -> str:
             lines.append(
                 f"| {label} | {fmt(row[name])} | {row[name]['median'] / row['fp32']['median']:.2f} |"
             )
+        tokens = list(decode["layer"])
+        lines += [
+            "",
+            f"One {LAYER_SIZE}x{LAYER_SIZE} projection at inference, ms per call (vs fp32):",
+            "",
+            "| weights | " + " | ".join(f"{n} token(s)" for n in tokens) + " |",
+            "|---|" + "---:|" * len(tokens),
+        ]
+        for name, label in (
+            ("fp32", "fp32"),
+            ("bf16", "bf16"),
+            ("int4", "nf4, packed path (bundled fallback kernel)"),
+            ("int4-generic", "nf4, generic path"),
+        ):
+            cells = []
+            for n in tokens:
+                layer = decode["layer"][n]
+                cells.append(f"{fmt(layer[name])} ({layer[name]['median'] / layer['fp32']['median']:.2f}x)")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -369,6 +436,7 @@ def main() -> None:
     if plan.backbones:
         models = {name: (load_model(name), nullcontext) for name in ("fp32", "bf16", "int4", "int4-generic")}
         decode["backbones"] = decode_ms_per_token(models, tokenizer, prompts[: plan.batch], plan)
+        decode["layer"] = {str(n): int4_layer_ms(n, plan.repeats) for n in (1, plan.batch)}
     values = headline(batched, decode, plan)
     if not args.quick:
         text = markdown(batched, decode, plan, time.perf_counter() - start)

@@ -452,32 +452,84 @@ def memory(plan: Plan) -> tuple[list[dict[str, Any]], int]:
 
 # ---------------------------------------------------------------------------------------------------------- profile
 def profile_ops(setting: Setting, methods: tuple[str, ...], steps: int, top: int = 12) -> dict[str, Any]:
-    """Self CPU time per operator for each method over ``steps`` steps, and the hook's own forward time."""
+    """Self CPU time per operator and method (ms per step), the methods' steps profiled in alternation."""
     from torch.profiler import ProfilerActivity, profile
 
-    result: dict[str, Any] = {"setting": asdict(setting), "steps": steps, "ops": {}}
-    for method in methods:
-        step, model = build_contender(str(ROOT / TINY_MODEL), method, setting)
+    contenders = {m: build_contender(str(ROOT / TINY_MODEL), m, setting) for m in methods}
+    for step, _ in contenders.values():
         step()
         step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
+    totals: dict[str, dict[str, float]] = {m: {} for m in methods}
+    for _ in range(steps):
+        for method, (step, _) in contenders.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
                 step()
-        totals: dict[str, float] = {}
-        for event in prof.key_averages():
-            totals[event.key] = event.self_cpu_time_total / 1000 / steps  # ms per step
-        result["ops"][method] = totals
-        if method in ("pt2", "prefix"):
-            result[f"{method}_hook_ms"] = hook_ms(model, setting)
-    pt2, limit = result["ops"].get("pt2", {}), result["ops"].get("limit", {})
+            for event in prof.key_averages():
+                ops = totals[method]
+                ops[event.key] = ops.get(event.key, 0.0) + event.self_cpu_time_total / 1000 / steps
+    pt2, limit = totals["pt2"], totals["limit"]
     deltas = sorted(
         ((name, pt2.get(name, 0.0), limit.get(name, 0.0)) for name in set(pt2) | set(limit)),
         key=lambda item: -(item[1] - item[2]),
     )
-    result["pt2_minus_limit"] = [{"op": n, "pt2_ms": a, "limit_ms": b} for n, a, b in deltas[:top]]
-    result["pt2_total_ms"] = sum(pt2.values())
-    result["limit_total_ms"] = sum(limit.values())
-    return result
+    return {
+        "setting": asdict(setting),
+        "steps": steps,
+        "ops": totals,
+        "pt2_minus_limit": [{"op": n, "pt2_ms": a, "limit_ms": b} for n, a, b in deltas[:top]],
+        "pt2_total_ms": sum(pt2.values()),
+        "limit_total_ms": sum(limit.values()),
+        "pt2_hook_ms": hook_ms(contenders["pt2"][1], setting),
+    }
+
+
+def profile(plan: Plan) -> dict[str, Any]:
+    """Operator profile at the first setting; the ablation at each backbone's first setting without checkpointing."""
+    first = plan.throughput_settings[0]
+    ablations = {}
+    for setting in plan.throughput_settings:
+        if (
+            not setting.checkpointing
+            and setting.seq_len == first.seq_len
+            and setting.backbone in ("fp32", "bf16")
+        ):
+            ablations[setting.label()] = ablation(setting, plan.repeats, plan.calls)
+    return {"ops": profile_ops(first, ("pt2", "limit"), plan.profile_steps), "ablation": ablations}
+
+
+ABLATIONS = {
+    "limit": "the limit",
+    "pt2": "P-Tuning v2, 128 tokens",
+    "pt2_frozen": "the same prefix, frozen (attention over 128 more keys, no prefix update)",
+    "pt2_p1": "P-Tuning v2, 1 token (the mechanism: hook, cache, mask, positions, optimizer)",
+    "pt2_no_dropout": "P-Tuning v2, 128 tokens, no prefix dropout",
+}
+
+
+def ablation_contender(variant: str, setting: Setting) -> Callable[[], None]:
+    """Variants of P-Tuning v2 that each remove one cost, to split its time over the limit into causes."""
+    if variant == "limit":
+        return build_contender(str(ROOT / TINY_MODEL), "limit", setting)[0]
+    config = PrefixConfig(
+        pre_seq_len=1 if variant == "pt2_p1" else PRE_SEQ_LEN,
+        prefix_dropout=0.0 if variant == "pt2_no_dropout" else 0.1,
+    )
+    model = attach_prefix(load_backbone(str(ROOT / TINY_MODEL), setting.backbone), config)
+    if setting.checkpointing:
+        enable_checkpointing(model)
+    model.train()
+    batch = make_batch(model.config.vocab_size, setting.batch_size, setting.seq_len)
+    if variant == "pt2_frozen":
+        model.requires_grad_(False)
+        return limit_step(model, batch)  # backward to the embeddings, through the prefixed attention
+    return training_step(model, batch)
+
+
+def ablation(setting: Setting, repeats: int, calls: int) -> dict[str, dict[str, float]]:
+    """Step time of each variant (median, min-max over alternating rounds)."""
+    steps = {variant: ablation_contender(variant, setting) for variant in ABLATIONS}
+    rounds = alternate(steps, repeats, warmup=2, calls=calls)
+    return {variant: summary(1000 * s for s in seconds) for variant, seconds in rounds.items()}
 
 
 def hook_ms(model: nn.Module, setting: Setting, calls: int = 20) -> float:
@@ -599,19 +651,42 @@ def memory_table(mem: list[dict[str, Any]], n_params: int) -> list[str]:
     return table
 
 
-def profile_table(prof: dict[str, Any]) -> list[str]:
-    s = Setting(**prof["setting"])
+def ablation_table(ablations: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """Step time of P-Tuning v2 variants that each drop one cost, against the limit."""
+    settings = list(ablations)
     lines = [
-        f"torch.profiler, {s.label()}, {prof['steps']} steps, self CPU time per step: P-Tuning v2 "
-        f"{prof['pt2_total_ms']:.1f} ms, limit {prof['limit_total_ms']:.1f} ms; the prefix pre-hook alone (forward) "
-        f"{prof.get('pt2_hook_ms', float('nan')):.2f} ms per step. Operators that cost P-Tuning v2 the most over the limit:",
+        "Step time of variants that each remove one cost (ms per step, median and min-max of alternating rounds; "
+        "in brackets: over the limit):",
+        "",
+        "| variant | " + " | ".join(settings) + " |",
+        "|---|" + "---:|" * len(settings),
+    ]
+    for variant, label in ABLATIONS.items():
+        cells = []
+        for setting in settings:
+            row, limit = ablations[setting][variant], ablations[setting]["limit"]["median"]
+            cells.append(
+                f"{row['median']:.1f} ({row['min']:.1f}-{row['max']:.1f}) [{row['median'] / limit:.2f}x]"
+            )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def profile_table(ops: dict[str, Any]) -> list[str]:
+    s = Setting(**ops["setting"])
+    lines = [
+        f"torch.profiler, {s.label()}, {ops['steps']} steps each, profiled in alternation; self CPU time per step: "
+        f"P-Tuning v2 {ops['pt2_total_ms']:.1f} ms, limit {ops['limit_total_ms']:.1f} ms. The prefix pre-hook alone "
+        f"(prefix encoder, cache, mask, positions; forward only) takes {ops['pt2_hook_ms']:.2f} ms per step. "
+        "The operators that cost P-Tuning v2 the most over the limit:",
         "",
         "| operator | P-Tuning v2 (ms/step) | limit (ms/step) | difference |",
         "|---|---:|---:|---:|",
     ]
-    for item in prof["pt2_minus_limit"]:
+    for item in ops["pt2_minus_limit"]:
         lines.append(
-            f"| `{item['op']}` | {item['pt2_ms']:.2f} | {item['limit_ms']:.2f} | {item['pt2_ms'] - item['limit_ms']:+.2f} |"
+            f"| `{item['op']}` | {item['pt2_ms']:.2f} | {item['limit_ms']:.2f} | "
+            f"{item['pt2_ms'] - item['limit_ms']:+.2f} |"
         )
     return lines
 
@@ -690,7 +765,14 @@ def markdown(
         "",
     ]
     if prof is not None:
-        parts += ["### Where P-Tuning v2's time goes (profile)", "", *profile_table(prof), ""]
+        parts += [
+            "### Where P-Tuning v2's time goes (profile)",
+            "",
+            *ablation_table(prof["ablation"]),
+            "",
+            *profile_table(prof["ops"]),
+            "",
+        ]
     parts += [
         "### int4 on this CPU: bitsandbytes' kernel",
         "",
@@ -728,7 +810,7 @@ def main() -> None:
     mem, n_params = memory(plan) if "memory" in args.parts else ([], 0)
     prof = None
     if "profile" in args.parts and plan.profile_steps:
-        prof = profile_ops(plan.throughput_settings[0], ("pt2", "limit"), plan.profile_steps)
+        prof = profile(plan)
     ratios = headline(rows, mem, plan.throughput_settings[0])
     if not args.quick:
         text = markdown(rows, mem, n_params, prof, plan, time.perf_counter() - start)
