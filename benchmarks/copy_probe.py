@@ -17,10 +17,7 @@ from benchmarks.report import write_report
 from ptuning_v2.data import generation_prompt_ids
 from ptuning_v2.generation import GenerationSettings, generate_texts
 from ptuning_v2.loading import load_model, load_tokenizer
-
-# The copy chat the backbone was pretrained on. It lives only in the pretraining script, which `scripts/` (a
-# namespace package when run from the repository root) makes importable.
-from scripts.pretrain_tiny import COPY_INSTRUCTION
+from ptuning_v2.tasks import COPY_INSTRUCTION  # the copy chat the backbone was pretrained on
 
 
 def parse_args() -> argparse.Namespace:

@@ -20,6 +20,9 @@ from __future__ import annotations
 NER_TYPES: tuple[str, ...] = ("人名", "地名", "机构名")
 NER_TAG_TO_TYPE: dict[str, str] = {"nr": "人名", "ns": "地名", "nt": "机构名"}
 NO_ENTITY = "无"
+# The copy chat of the embedded backbone's pretraining mix (scripts/pretrain_tiny.py); benchmarks/copy_probe.py
+# asks it of any backbone.
+COPY_INSTRUCTION = "复述这句话："
 SENTIMENT_LABELS: tuple[str, ...] = ("负面", "正面")
 
 

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets as hf_datasets
 import torch
 import torch.distributed as dist
 import transformers
@@ -49,6 +50,7 @@ from transformers.hf_argparser import string_to_bool
 from transformers.integrations.deepspeed import deepspeed_load_checkpoint
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from . import nlu
 from .checkpoint import (
     PREFIX_METHODS,
     CheckpointError,
@@ -65,7 +67,7 @@ from .data import (
     training_collator,
 )
 from .evaluate import BOOLEAN_WORDS, parse_bool
-from .files import atomic_write_text
+from .files import atomic_write_text, swap_directory
 from .generation import GenerationSettings, evaluate_dataset
 from .loading import check_model_path, load_model, load_tokenizer, quantization_config, resolve_dtype
 from .methods import METHODS, attach_method, count_parameters, method_config, method_settings, tuning_of
@@ -96,7 +98,12 @@ MethodArguments = make_dataclass(
 class DataArguments(DataConfig):
     """The data settings of ``DataConfig`` (columns, lengths, source prefix) plus the run's data options."""
 
-    train_file: str | None = None
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "training data; a comma-separated list trains on their mix (multi-task, shuffled by seed)"
+        },
+    )
     validation_file: str | None = None
     test_file: str | None = None
     max_train_samples: int | None = None
@@ -107,6 +114,18 @@ class DataArguments(DataConfig):
         default=0, metadata={"help": "also generate+score every N steps (0: off)"}
     )
     compare_with_base: bool = field(default=False, metadata={"help": "score the backbone without prefix too"})
+    task_type: str = field(
+        default="generation",
+        metadata={
+            "help": "generation (chat answers, scored on generated text), seq_cls (a sequence-classification head "
+            'on {"text", "label"} rows, accuracy) or token_cls (a token-classification head on {"tokens", "tags"} '
+            "rows, BIO span F1)"
+        },
+    )
+
+    def train_files(self) -> list[str]:
+        """``--train_file`` as a list: several files (comma-separated) train one prefix on their mix."""
+        return [p.strip() for p in (self.train_file or "").split(",") if p.strip()]
 
 
 @dataclass
@@ -262,14 +281,22 @@ def _short_number(value: float) -> str:
 def default_output_dir(
     model_args: ModelArguments, method_args: Any, data_args: DataArguments, args: Any
 ) -> str:
-    """``output/<data dir>-<method>[-<pre_seq_len>]-<learning rate>``, e.g. output/ner-ptuning_v2-64-1e-1."""
-    data = Path(data_args.train_file or data_args.validation_file or "run").parent.name or "run"
+    """``output/<data dir>-<method>[-<pre_seq_len>]-<learning rate>``, e.g. output/ner-ptuning_v2-64-1e-1
+    (``mix-...`` for several training files; ``nlu-sentiment_train-...`` for an NLU head: the NLU files share a
+    directory)."""
+    files = data_args.train_files()
+    file = Path(files[0] if files else data_args.validation_file or "run")
+    data = "mix" if len(files) > 1 else file.parent.name or "run"
+    if data_args.task_type != "generation" and len(files) <= 1:
+        data = f"{data}-{file.stem}"
     length = "" if model_args.method in ("lora", "full") else f"-{method_args.pre_seq_len}"
     return f"output/{data}-{model_args.method}{length}-{_short_number(args.learning_rate)}"
 
 
-def build_model(settings: RunSettings) -> torch.nn.Module:
-    """The backbone with the method attached: fresh, or warm-started from ``--ptuning_checkpoint``."""
+def build_model(settings: RunSettings, **model_kwargs: Any) -> torch.nn.Module:
+    """The backbone with the method attached: fresh, or warm-started from ``--ptuning_checkpoint``.
+
+    ``model_kwargs`` go to ``load_model`` (an NLU head: ``model_class``, ``num_labels``, ...)."""
     model_args = settings.model
     if model_args.ptuning_checkpoint:
         found = checkpoint_method(model_args.ptuning_checkpoint)
@@ -283,12 +310,14 @@ def build_model(settings: RunSettings) -> torch.nn.Module:
             model_args.ptuning_checkpoint,
             quantization_bit=model_args.quantization_bit,
             torch_dtype=model_args.torch_dtype,
+            **model_kwargs,
         )
     else:
         model = load_model(
             model_args.model_name_or_path,
             quantization_bit=model_args.quantization_bit,
             torch_dtype=model_args.torch_dtype,
+            **model_kwargs,
         )
         attach_method(model, model_args.method, settings.method_config())
     model.train()
@@ -377,7 +406,9 @@ def settings_problems(settings: RunSettings) -> list[str]:
         except ValueError as err:
             problems.append(f"--{flag} {_shown(value)}: {err}")
 
-    data_file("train_file", data_args.train_file, "--do_train needs" if args.do_train else None)
+    for path in data_args.train_files() or [None]:
+        data_file("train_file", path, "--do_train needs" if args.do_train else None)
+    problems += _task_type_problems(settings)
     evaluating = args.do_eval or data_args.eval_generate_steps
     data_file(
         "validation_file",
@@ -447,6 +478,29 @@ def settings_problems(settings: RunSettings) -> list[str]:
         problems.append(f"--deepspeed {args.deepspeed!r}: no such DeepSpeed config file")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         problems.append(f"--output_dir {args.output_dir!r} is a file, not a directory")
+    return problems
+
+
+def _task_type_problems(settings: RunSettings) -> list[str]:
+    """What ``--task_type`` rules out: an unknown type; for an NLU head, a mix of training files (multi-task
+    training is for the generative format) and evaluation without training and without a checkpoint (whose
+    ``labels.json`` says what the head's outputs mean)."""
+    data, args, task_type = settings.data, settings.training, settings.data.task_type
+    if task_type not in nlu.TASK_TYPES:
+        return [f"--task_type {task_type!r}: must be one of {', '.join(nlu.TASK_TYPES)}"]
+    if task_type == "generation":
+        return []
+    problems = []
+    if len(data.train_files()) > 1:
+        problems.append(
+            f"--train_file {data.train_file!r}: several training files train one generative prefix on their mix; "
+            f"--task_type {task_type} takes one file"
+        )
+    if not args.do_train and (args.do_eval or args.do_predict) and not settings.model.ptuning_checkpoint:
+        problems.append(
+            f"--task_type {task_type} without --do_train needs --ptuning_checkpoint: a trained head, whose "
+            f"{nlu.LABELS_FILE} says what its outputs mean"
+        )
     return problems
 
 
@@ -793,9 +847,7 @@ class TuningTrainer(Trainer):
             self.args.output_dir = run_dir
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging_root, f"checkpoint-{self.state.global_step}"), final)
+            swap_directory(os.path.join(staging_root, f"checkpoint-{self.state.global_step}"), final)
             shutil.rmtree(staging_root, ignore_errors=True)
         best = self.state.best_model_checkpoint
         if best and Path(best).parent == Path(staging_root):  # the Trainer named it inside the staging folder
@@ -982,30 +1034,120 @@ class Datasets:
     test: Any = None
 
 
-def load_datasets(settings: RunSettings, tokenizer: Any) -> Datasets:
+def _conversations(paths: list[str], config: DataConfig, cache_dir: str, seed: int):
+    """One file's conversations, or several files' mixed (multi-task training): concatenated, then shuffled by
+    the run's seed, so that ``--max_train_samples`` takes a sample of the mix and a seed always gives one mix."""
+    parts = [load_conversations(path, config, cache_dir=cache_dir) for path in paths]
+    return parts[0] if len(parts) == 1 else hf_datasets.concatenate_datasets(parts).shuffle(seed=seed)
+
+
+def load_datasets(settings: RunSettings, tokenizer: Any, labels: list[Any] | None = None) -> Datasets:
+    if settings.data.task_type != "generation":
+        return load_nlu_datasets(settings, tokenizer, labels)
     data_args, args = settings.data, settings.training
     data_config = DataConfig(**{f.name: getattr(data_args, f.name) for f in fields(DataConfig)})
     cache_dir = str(Path(args.output_dir) / ".data_cache")
 
-    def tokenized(path: str, limit: int | None, for_generation: bool):
-        raw = _limit(load_conversations(path, data_config, cache_dir=cache_dir), limit)
+    def tokenized(paths: list[str], limit: int | None, for_generation: bool):
+        raw = _limit(_conversations(paths, data_config, cache_dir, args.seed), limit)
         if for_generation:
             return tokenize_for_generation(raw, tokenizer, data_config)
         dataset, stats = tokenize_for_training(raw, tokenizer, data_config)
-        print(f"{path}: {stats.summary()}", flush=True)
+        print(f"{','.join(paths)}: {stats.summary()}", flush=True)
         return dataset
 
     found = Datasets()
     with args.main_process_first(desc="tokenize"):
         if args.do_train:
-            found.train = tokenized(data_args.train_file, data_args.max_train_samples, False)
+            found.train = tokenized(data_args.train_files(), data_args.max_train_samples, False)
         if data_args.validation_file and args.eval_strategy != "no":
-            found.eval_loss = tokenized(data_args.validation_file, data_args.max_eval_samples, False)
+            found.eval_loss = tokenized([data_args.validation_file], data_args.max_eval_samples, False)
         if data_args.validation_file and (args.do_eval or data_args.eval_generate_steps):
-            found.eval_generate = tokenized(data_args.validation_file, data_args.max_eval_samples, True)
+            found.eval_generate = tokenized([data_args.validation_file], data_args.max_eval_samples, True)
         if args.do_predict:
-            found.test = tokenized(data_args.test_file, data_args.max_predict_samples, True)
+            found.test = tokenized([data_args.test_file], data_args.max_predict_samples, True)
     return found
+
+
+# ---------------------------------------------------------------- NLU heads (--task_type seq_cls|token_cls)
+
+
+def nlu_labels(settings: RunSettings) -> list[Any] | None:
+    """The head's label set: the training file's (sorted), or, without training, the checkpoint's; None for
+    generation. A warm start from a checkpoint with another label set is refused (its head would not fit)."""
+    data, task_type, checkpoint = settings.data, settings.data.task_type, settings.model.ptuning_checkpoint
+    if task_type == "generation":
+        return None
+    recorded = nlu.read_labels(checkpoint) if checkpoint else None
+    if recorded and recorded[0] != task_type:
+        raise SettingsError(f"--ptuning_checkpoint {checkpoint} holds a {recorded[0]} head, not {task_type}")
+    if settings.training.do_train:
+        labels = nlu.label_set(nlu.read_rows(data.train_file, task_type), task_type, data.train_file)
+        if recorded and recorded[1] != labels:
+            raise SettingsError(
+                f"--ptuning_checkpoint {checkpoint} was trained on the labels {recorded[1]}, --train_file "
+                f"{data.train_file} has {labels}"
+            )
+        return labels
+    if recorded is None:
+        raise SettingsError(
+            f"--ptuning_checkpoint {checkpoint}: no {nlu.LABELS_FILE} to say what the head's outputs mean"
+        )
+    return recorded[1]
+
+
+def load_nlu_datasets(settings: RunSettings, tokenizer: Any, labels: list[Any]) -> Datasets:
+    """Lists of tokenized examples (the Trainer takes any sized dataset); validation is tokenized once and serves
+    both the loss (``--eval_strategy``) and the scores."""
+    data_args, args = settings.data, settings.training
+
+    def tokenized(path: str, limit: int | None) -> list[dict[str, Any]]:
+        rows = nlu.read_rows(path, data_args.task_type)
+        rows = rows[:limit] if limit else rows
+        return nlu.tokenize_rows(
+            rows, tokenizer, data_args.task_type, labels, data_args.max_source_length, path
+        )
+
+    found = Datasets()
+    if args.do_train:
+        found.train = tokenized(data_args.train_file, data_args.max_train_samples)
+        print(f"{data_args.train_file}: {len(found.train)} examples, labels {labels}", flush=True)
+    evaluating = args.do_eval or data_args.eval_generate_steps or args.eval_strategy != "no"
+    if data_args.validation_file and evaluating:
+        found.eval_generate = tokenized(data_args.validation_file, data_args.max_eval_samples)
+        found.eval_loss = found.eval_generate if args.eval_strategy != "no" else None
+    if args.do_predict:
+        found.test = tokenized(data_args.test_file, data_args.max_predict_samples)
+    return found
+
+
+def nlu_scorer(settings: RunSettings, model: torch.nn.Module, tokenizer: Any, labels: list[Any]):
+    """``score(name, examples)``: predict with the head, write ``<output_dir>/<name>/predictions.jsonl``, and
+    score (accuracy, or span P/R/F1)."""
+    args, task_type = settings.training, settings.data.task_type
+    output_dir, is_main = Path(args.output_dir), args.process_index == 0
+
+    def score(name: str, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        predicted = nlu.predict(model, examples, tokenizer.pad_token_id, args.per_device_eval_batch_size)
+        metrics, records = nlu.score(examples, predicted, task_type, labels)
+        if is_main:
+            nlu.write_predictions(output_dir / name / "predictions.jsonl", records)
+            print(f"[{name or 'eval'}] " + json.dumps(metrics, ensure_ascii=False), flush=True)
+        return metrics
+
+    return score
+
+
+class LabelsCallback(TrainerCallback):
+    """Every checkpoint gets the head's ``labels.json``, so it loads and predicts on its own."""
+
+    def __init__(self, task_type: str, labels: list[Any]) -> None:
+        self.task_type, self.labels = task_type, labels
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and checkpoint.is_dir():
+            nlu.write_labels(checkpoint, self.task_type, self.labels)
 
 
 def generation_scorer(settings: RunSettings, model: torch.nn.Module, tokenizer: Any):
@@ -1038,17 +1180,23 @@ def generation_scorer(settings: RunSettings, model: torch.nn.Module, tokenizer: 
     return score
 
 
-def make_trainer(settings: RunSettings, model, tokenizer, datasets: Datasets, score) -> TuningTrainer:
-    callbacks = []
+def make_trainer(
+    settings: RunSettings, model, tokenizer, datasets: Datasets, score, labels: list[Any] | None = None
+) -> TuningTrainer:
+    callbacks: list[TrainerCallback] = []
     every = settings.data.eval_generate_steps
     if every and datasets.eval_generate is not None:
         callbacks.append(GenerationEvalCallback(every, lambda name: score(name, datasets.eval_generate)))
+    head = labels is not None  # an NLU head: its own collator and loss (see ptuning_v2.nlu)
+    if head:
+        callbacks.append(LabelsCallback(settings.data.task_type, labels))
     return TuningTrainer(
         model=model,
         args=settings.training,
         train_dataset=datasets.train,
         eval_dataset=datasets.eval_loss,
-        data_collator=training_collator(tokenizer),
+        data_collator=nlu.collator(tokenizer.pad_token_id) if head else training_collator(tokenizer),
+        compute_loss_func=nlu.loss if head else None,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -1085,6 +1233,24 @@ def evaluate_before_after(
     return {"before": before, "after": after}
 
 
+def start_head(settings: RunSettings, labels: list[Any] | None, tokenizer: Any) -> dict[str, Any]:
+    """For an NLU head: record its labels in the output directory, turn off ``--compare_with_base`` (a random
+    head scores nothing without training), and return the ``load_model`` arguments that build it."""
+    if labels is None:
+        return {}
+    task_type, args = settings.data.task_type, settings.training
+    if settings.data.compare_with_base:
+        print(
+            f"note: --compare_with_base skipped for --task_type {task_type}: the task head starts random, so the "
+            "backbone without the method has no score worth comparing",
+            flush=True,
+        )
+        settings.data.compare_with_base = False
+    if args.do_train and args.should_save:
+        nlu.write_labels(args.output_dir, task_type, labels)
+    return nlu.model_kwargs(task_type, labels, tokenizer.pad_token_id)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = parse_args(argv)
     args = settings.training
@@ -1094,15 +1260,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logger.info("processes: %d, device: %s", args.world_size, args.device)
     plan = start_run(settings)
     tokenizer = load_tokenizer(settings.model.model_name_or_path)
-    model = build_model(settings)
+    labels = nlu_labels(settings)
+    model = build_model(settings, **start_head(settings, labels, tokenizer))
     trainable, total = count_parameters(model)
     print(
         f"{settings.model.method}: trainable {trainable:,} / total {total:,} ({100 * trainable / total:.4f}%)",
         flush=True,
     )
-    datasets = load_datasets(settings, tokenizer)
-    score = generation_scorer(settings, model, tokenizer)
-    trainer = make_trainer(settings, model, tokenizer, datasets, score)
+    datasets = load_datasets(settings, tokenizer, labels)
+    if labels is None:
+        score = generation_scorer(settings, model, tokenizer)
+    else:
+        score = nlu_scorer(settings, model, tokenizer, labels)
+    trainer = make_trainer(settings, model, tokenizer, datasets, score, labels)
 
     results: dict[str, Any] = {}
     evaluating = args.do_eval and datasets.eval_generate is not None

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH=${TORCH:-2.13.0}
-TESTS=${TESTS:-tests/test_prefix.py tests/test_families.py tests/test_train.py tests/test_generation.py tests/test_compat.py tests/test_quantization.py}
+TESTS=${TESTS:-tests/test_prefix.py tests/test_families.py tests/test_train.py tests/test_methods.py tests/test_generation.py tests/test_compat.py tests/test_quantization.py}
 VENV=$(mktemp -d /tmp/ptuning-compat-XXXXXX)
 trap 'rm -rf "$VENV"' EXIT
 

@@ -45,6 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from ptuning_v2.files import atomic_directory  # noqa: E402
+from ptuning_v2.tasks import COPY_INSTRUCTION  # noqa: E402
 from ptuning_v2.tokenization import build_chatglm_tokenizer, chatglm3_message_ids  # noqa: E402
 
 SP_MODEL_NAME = "sentencepiece.model"  # kept next to the model for provenance; not read by AutoTokenizer
@@ -193,7 +194,6 @@ LISTING_CLASSES: dict[str, frozenset[str]] = {
     "区别词": frozenset({"b"}),
 }
 LISTING_INSTRUCTION = "列出这句话里的{}："
-COPY_INSTRUCTION = "复述这句话："
 
 
 def listing_chat(words: list[str], tags: list[str], rng: random.Random) -> tuple[str, str]:

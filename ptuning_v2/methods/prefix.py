@@ -72,9 +72,6 @@ class PrefixMethod(TuningMethod):
         self.model.prefix_encoder = encoder
         self.encoder, self.config = encoder, encoder.config
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's tensors, plus the task head of a classification model."""
         state = {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
@@ -100,8 +97,12 @@ class PrefixMethod(TuningMethod):
         )
 
     def kv_table(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        with torch.no_grad():
-            pairs = self.encoder.eval()(1)
+        was_training = self.encoder.training
+        try:
+            with torch.no_grad():
+                pairs = self.encoder.eval()(1)  # eval: no prefix dropout
+        finally:
+            self.encoder.train(was_training)
         return [(key[0], value[0]) for key, value in pairs]
 
 
