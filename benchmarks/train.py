@@ -47,6 +47,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GlmConfig, Gl
 
 from benchmarks._timing import (
     alternate,
+    code_version,
     current_memory,
     device,
     machine,
@@ -55,6 +56,7 @@ from benchmarks._timing import (
     ratio,
     release_freed_memory,
     reset_peak_memory,
+    run_with_passive_openmp,
     seconds_per_call,
     summary,
     versions,
@@ -499,6 +501,7 @@ def profile(plan: Plan) -> dict[str, Any]:
 
 ABLATIONS = {
     "limit": "the limit",
+    "limit_masked": "the limit given an explicit causal mask (the masked attention path a prefix needs)",
     "pt2": "P-Tuning v2, 128 tokens",
     "pt2_frozen": "the same prefix, frozen (attention over 128 more keys, no prefix update)",
     "pt2_p1": "P-Tuning v2, 1 token (the mechanism: hook, cache, mask, positions, optimizer)",
@@ -510,6 +513,18 @@ def ablation_contender(variant: str, setting: Setting) -> Callable[[], None]:
     """Variants of P-Tuning v2 that each remove one cost, to split its time over the limit into causes."""
     if variant == "limit":
         return build_contender(str(ROOT / TINY_MODEL), "limit", setting)[0]
+    if variant == "limit_masked":
+        # A prefix makes transformers pass sdpa an explicit mask (prefix columns + causal) instead of
+        # is_causal=True: no skipping of the masked half, and GQA keys repeated per head. A 4-D causal mask takes
+        # the limit down the same path with the same result.
+        model = apply_method(
+            load_backbone(str(ROOT / TINY_MODEL), setting.backbone), "limit", setting.checkpointing
+        )
+        model.train()
+        batch = make_batch(model.config.vocab_size, setting.batch_size, setting.seq_len)
+        causal = torch.ones(setting.seq_len, setting.seq_len, dtype=torch.bool, device=device()).tril()
+        batch["attention_mask"] = causal[None, None].expand(setting.batch_size, 1, -1, -1)
+        return limit_step(model, batch)
     config = PrefixConfig(
         pre_seq_len=1 if variant == "pt2_p1" else PRE_SEQ_LEN,
         prefix_dropout=0.0 if variant == "pt2_no_dropout" else 0.1,
@@ -746,7 +761,8 @@ def markdown(
     parts = [
         "## Training",
         "",
-        f"`python -m benchmarks.train` on {machine()}; {versions()}; {time.strftime('%Y-%m-%d %H:%M %Z')}; "
+        f"`python -m benchmarks.train` on {machine()}; {versions()}; {code_version()}; "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}; "
         f"{seconds / 60:.1f} min. The CPU was shared with other work while this ran: absolute figures are noisy, "
         "the ratios less so (contenders alternate within each round).",
         "",
@@ -796,6 +812,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    run_with_passive_openmp("benchmarks.train")
     args = parse_args()
     quiet()
     if args.probe:
