@@ -15,20 +15,17 @@ parse_overrides "$KEYS" "$@"
 
 MODEL=${MODEL:-models/glm-zh-tiny}
 QUANTIZATION_BIT=${QUANTIZATION_BIT:-none}
-DO_SAMPLE=${DO_SAMPLE:-false}
-TOP_P=${TOP_P:-0.7}
-TEMPERATURE=${TEMPERATURE:-0.95}
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-256}
 
+# Generation keys left unset keep GenerationSettings' defaults (greedy, up to 128 new tokens).
 check_choice QUANTIZATION_BIT none 4 8
-check_bool DO_SAMPLE
-check_number TOP_P 0 1
-check_number TEMPERATURE "" ""
-check_int MAX_NEW_TOKENS 1
+if is_set DO_SAMPLE; then check_bool DO_SAMPLE; fi
+if is_set TOP_P; then check_number TOP_P 0 1; fi
+if is_set TEMPERATURE; then check_number TEMPERATURE "" ""; fi
+if is_set MAX_NEW_TOKENS; then check_int MAX_NEW_TOKENS 1; fi
 [[ -n "${SEED:-}" ]] && check_int SEED 0
 
-ARGS=(--model "$MODEL" --quantization_bit "$QUANTIZATION_BIT" --do_sample "$DO_SAMPLE" --top_p "$TOP_P"
-  --temperature "$TEMPERATURE" --max_new_tokens "$MAX_NEW_TOKENS")
+ARGS=(--model "$MODEL" --quantization_bit "$QUANTIZATION_BIT")
+pass_flags "DO_SAMPLE=do_sample TOP_P=top_p TEMPERATURE=temperature MAX_NEW_TOKENS=max_new_tokens"
 [[ -n "${PREFIXES+set}" ]] && ARGS+=(--prefixes "$PREFIXES")
 [[ -n "${PREFIX:-}" ]] && ARGS+=(--prefix "$PREFIX")
 [[ -n "${SYSTEM:-}" ]] && ARGS+=(--system "$SYSTEM")

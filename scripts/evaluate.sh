@@ -15,32 +15,24 @@ CHECKPOINT=${CHECKPOINT-}
 TEST_FILE=${TEST_FILE:-data/ner/dev.json}
 OUTPUT_DIR=${OUTPUT_DIR:-${CHECKPOINT:-output/base}/eval-$(basename "$(dirname "$TEST_FILE")")-$(basename "$TEST_FILE" .json)}
 BATCH_SIZE=${BATCH_SIZE:-32}
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}
-# Default: the checkpoint run's own (its run_config.yaml), else DataConfig's.
-MAX_SOURCE_LENGTH=${MAX_SOURCE_LENGTH:-}
-MAX_SAMPLES=${MAX_SAMPLES:-}
 QUANTIZATION_BIT=${QUANTIZATION_BIT:-none}
-DO_SAMPLE=${DO_SAMPLE:-false}
-TOP_P=${TOP_P:-0.7}
-TEMPERATURE=${TEMPERATURE:-0.95}
-SEED=${SEED:-42}
 TASK=${TASK:-auto}
 BLEU=${BLEU:-chars}
-PROMPT_COLUMN=${PROMPT_COLUMN:-content}
-RESPONSE_COLUMN=${RESPONSE_COLUMN:-summary}
+# Generation and data keys left unset keep the Python defaults: GenerationSettings' (greedy, 128 new tokens) and,
+# for a checkpoint written by the training script, its run's own data settings (run_config.yaml: columns,
+# MAX_SOURCE_LENGTH), else DataConfig's.
 
 prepare_bundled_data "$TEST_FILE"
 
 # Every setting is checked before generation starts, also the scorer's (TASK, BLEU), which runs after it.
-for key in BATCH_SIZE MAX_NEW_TOKENS; do
-  check_int "$key" 1
+check_int BATCH_SIZE 1
+for key in MAX_NEW_TOKENS MAX_SOURCE_LENGTH MAX_SAMPLES; do
+  if is_set "$key"; then check_int "$key" 1; fi
 done
-[[ -n "$MAX_SOURCE_LENGTH" ]] && check_int MAX_SOURCE_LENGTH 1
-check_int SEED 0
-[[ -n "$MAX_SAMPLES" ]] && check_int MAX_SAMPLES 1
-check_number TOP_P 0 1
-check_number TEMPERATURE 0 ""
-check_bool DO_SAMPLE
+if is_set SEED; then check_int SEED 0; fi
+if is_set TOP_P; then check_number TOP_P 0 1; fi
+if is_set TEMPERATURE; then check_number TEMPERATURE 0 ""; fi
+if is_set DO_SAMPLE; then check_bool DO_SAMPLE; fi
 check_choice QUANTIZATION_BIT none 4 8
 check_choice TASK auto ner sentiment none
 check_choice BLEU chars words
@@ -50,13 +42,11 @@ check_file TEST_FILE
 
 ARGS=(
   --model "$MODEL" --test_file "$TEST_FILE" --output_dir "$OUTPUT_DIR" --batch_size "$BATCH_SIZE"
-  --max_new_tokens "$MAX_NEW_TOKENS" --quantization_bit "$QUANTIZATION_BIT" --task "$TASK"
-  --top_p "$TOP_P" --temperature "$TEMPERATURE" --seed "$SEED" --do_sample "$DO_SAMPLE"
-  --prompt_column "$PROMPT_COLUMN" --response_column "$RESPONSE_COLUMN"
+  --quantization_bit "$QUANTIZATION_BIT" --task "$TASK"
 )
 [[ -n "$CHECKPOINT" ]] && ARGS+=(--checkpoint "$CHECKPOINT")
-[[ -n "$MAX_SAMPLES" ]] && ARGS+=(--max_samples "$MAX_SAMPLES")
-[[ -n "$MAX_SOURCE_LENGTH" ]] && ARGS+=(--max_source_length "$MAX_SOURCE_LENGTH")
+pass_flags "MAX_NEW_TOKENS=max_new_tokens MAX_SOURCE_LENGTH=max_source_length MAX_SAMPLES=max_samples SEED=seed
+DO_SAMPLE=do_sample TOP_P=top_p TEMPERATURE=temperature PROMPT_COLUMN=prompt_column RESPONSE_COLUMN=response_column"
 
 CMD=(python -m ptuning_v2.evaluate "${ARGS[@]}" "${PASSTHROUGH[@]}")
 echo "+ ${CMD[*]}"

