@@ -1015,13 +1015,13 @@ def write_run_config(settings: RunSettings, path: Path) -> None:
     for part in (settings.model, settings.data, settings.generation):
         values.update(asdict(part))
     values.update({k: v for k, v in asdict(settings.method).items() if k in asdict(settings.method_config())})
-    args = settings.training
-    for name in (
-        "output_dir learning_rate max_steps num_train_epochs per_device_train_batch_size per_device_eval_batch_size "
-        "gradient_accumulation_steps save_steps logging_steps seed lr_scheduler_type warmup_steps weight_decay"
-    ).split():
-        value = getattr(args, name)
-        values[name] = getattr(value, "value", value)
+    # The training arguments that differ from their defaults (the rest would only bury them).
+    args, plain = settings.training, PrefixTrainingArguments(output_dir=settings.training.output_dir)
+    for f in fields(PrefixTrainingArguments):
+        value = getattr(args, f.name, None)
+        if f.init and not f.name.startswith("_") and value != getattr(plain, f.name, None):
+            values[f.name] = getattr(value, "value", value)
+    values["output_dir"] = args.output_dir
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(values, allow_unicode=True, sort_keys=False))
 

@@ -177,6 +177,22 @@ def test_config_file_instead_of_flags(tmp_path):
     # --config FILE with flags beside it: the flags win
     settings = parse_args(["--config", str(tmp_path / "run.yaml"), "--pre_seq_len", "4"])
     assert settings.method.pre_seq_len == 4 and settings.training.learning_rate == 0.02
+    # a wrong type or an unknown key names the file, the key and the value
+    (tmp_path / "bad.yaml").write_text("learning_rate: fast\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: learning_rate: 'fast' is not valid"):
+        parse_args(["--config", str(tmp_path / "bad.yaml")])
+    (tmp_path / "typo.yaml").write_text("max_stepz: 3\n")
+    with pytest.raises(ValueError, match=r"typo.yaml: unknown setting 'max_stepz'"):
+        parse_args(["--config", str(tmp_path / "typo.yaml")])
+
+
+def test_a_run_records_settings_that_repeat_it(workdir, tmp_path):
+    out = tmp_path / "out"
+    main(train_args(workdir, out, steps=1))
+    settings = parse_args(["--config", str(out / "run_config.yaml")])
+    assert settings.training.max_steps == 1 and settings.training.do_train
+    assert settings.method.pre_seq_len == 8 and settings.training.learning_rate == 0.3
+    assert settings.data.train_file == str(workdir / "train.json")
 
 
 # ---------------------------------------------------------------- bad input
