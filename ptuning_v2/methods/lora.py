@@ -60,8 +60,12 @@ class Lora(TuningMethod):
     def attach(
         cls, model: nn.Module, config: LoraMethodConfig, peft_config: LoraConfig | None = None
     ) -> Lora:
+        peft_config = peft_config or config.peft_config()
+        if trainable_head(model) and peft_config.exclude_modules is None:
+            # An NLU task head trains whole (below); all-linear would also put LoRA beside it, saving it twice.
+            peft_config.exclude_modules = list(trainable_head(model))
         try:
-            inject_adapter_in_model(peft_config or config.peft_config(), model)
+            inject_adapter_in_model(peft_config, model)
         except ValueError as err:  # PEFT names target modules the model lacks
             raise ValueError(f"lora_target_modules {config.lora_target_modules!r}: {err}") from err
         for head in trainable_head(model).values():
