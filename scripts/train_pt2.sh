@@ -100,6 +100,10 @@ else
   LAUNCH=(python -m ptuning_v2.train)
 fi
 
+# The expected peak memory per process (python -m ptuning_v2.plan), with a warning when it exceeds the device's.
+python -m ptuning_v2.plan --ignore_unknown_args --summary --num_gpus "$NUM_GPUS" "${ARGS[@]}" "${PASSTHROUGH[@]}" \
+  || echo "warning: no memory plan (see the error above); training anyway" >&2
+
 CMD=("${LAUNCH[@]}" "${ARGS[@]}" "${PASSTHROUGH[@]}")
 echo "+ ${CMD[*]}"
 exec "${CMD[@]}"
