@@ -55,7 +55,7 @@ TARGETS: dict[str, tuple[str, float, str]] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------- timing
+# ----------------------------------------------------------------------------------------------------- timing
 def run_with_passive_openmp(module: str) -> None:
     """Re-execute ``python -m <module>`` with ``OMP_WAIT_POLICY=PASSIVE`` unless the policy is already set.
 
@@ -121,7 +121,7 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-# ---------------------------------------------------------------------------------------------------------- memory
+# ----------------------------------------------------------------------------------------------------- memory
 def _proc_status_kb(field: str) -> int | None:
     try:
         match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
@@ -169,7 +169,7 @@ def peak_memory() -> int:
     return kb * 1024
 
 
-# --------------------------------------------------------------------------------------------------------- machine
+# ---------------------------------------------------------------------------------------------------- machine
 def machine() -> str:
     """CPU model and core count (lscpu), memory, torch threads, GPU if any, load average when measured."""
     cpu = platform.processor() or platform.machine()
@@ -235,7 +235,7 @@ def finite_positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-# ---------------------------------------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------------------------------- report
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())

@@ -100,10 +100,16 @@ class Setting:
     seq_len: int
     batch_size: int
     checkpointing: bool
+    model: str = "tiny"  # a key of MODEL_NAMES
 
     def label(self) -> str:
         ckpt = "ckpt" if self.checkpointing else "no ckpt"
-        return f"{self.backbone}, {self.batch_size}x{self.seq_len}, {ckpt}"
+        model = "" if self.model == "tiny" else f"{MODEL_NAMES[self.model]}, "
+        return f"{model}{self.backbone}, {self.batch_size}x{self.seq_len}, {ckpt}"
+
+    def where(self) -> dict[str, Any]:
+        """The fields that pick this setting's rows out of the results."""
+        return {k: v for k, v in asdict(self).items() if k != "batch_size"}
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,9 @@ MEMORY_300M = dict(
     head_dim=64,
     tie_word_embeddings=True,
 )
+# The 300M model's layers, 6 of them (100M): wide enough that attention is a small share of a step.
+WIDE = {**MEMORY_300M, "num_hidden_layers": 6}
+MODEL_NAMES = {"tiny": TINY_MODEL, "wide": "random GLM 1024 wide, 6 layers (100M)"}
 MEMORY_SMALL = dict(  # --quick: the same shape, 1/20 of the size
     vocab_size=8000,
     hidden_size=256,
@@ -170,7 +179,8 @@ MEMORY_SMALL = dict(  # --quick: the same shape, 1/20 of the size
 )
 
 FULL_PLAN = Plan(
-    throughput_settings=_grid({256: 4, 1024: 1}, BACKBONES),
+    # The wider random GLM checks how the ratios move when the linear layers outweigh attention more.
+    throughput_settings=(*_grid({256: 4, 1024: 1}, BACKBONES), Setting("fp32", 256, 1, False, model="wide")),
     methods=tuple(METHODS),
     repeats=5,
     warmup=2,
@@ -202,7 +212,7 @@ TINY_PLAN = replace(
 )
 
 
-# ------------------------------------------------------------------------------------------------------- contenders
+# ------------------------------------------------------------------------------------------------- contenders
 def quiet() -> None:
     """Silence what every contender repeats at each step (use_cache vs checkpointing, bitsandbytes' fp16 cast)."""
     warnings.filterwarnings("ignore")
@@ -321,15 +331,17 @@ def refusal(error: Exception) -> str:
     return f"refused: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
 
 
-# ------------------------------------------------------------------------------------------------------- throughput
-def measure_setting(setting: Setting, methods: tuple[str, ...], plan: Plan) -> list[dict[str, Any]]:
+# ------------------------------------------------------------------------------------------------- throughput
+def measure_setting(
+    setting: Setting, methods: tuple[str, ...], plan: Plan, model_dir: str
+) -> list[dict[str, Any]]:
     """Build every contender of one setting, then time them in alternating rounds."""
     steps: dict[str, Callable[[], None]] = {}
     rows: list[dict[str, Any]] = []
     models = []
     for method in methods:
         try:
-            step, model = build_contender(str(ROOT / TINY_MODEL), method, setting)
+            step, model = build_contender(model_dir, method, setting)
             step()  # the first step surfaces a refusal at the forward (e.g. PEFT under checkpointing)
         except (ValueError, TypeError, RuntimeError, NotImplementedError) as error:
             rows.append({**asdict(setting), "method": method, "status": refusal(error)})
@@ -355,18 +367,22 @@ def measure_setting(setting: Setting, methods: tuple[str, ...], plan: Plan) -> l
 
 def throughput(plan: Plan) -> list[dict[str, Any]]:
     rows = []
-    for setting in plan.throughput_settings:
-        start = time.perf_counter()
-        rows += measure_setting(setting, plan.methods, plan)
-        print(
-            f"# throughput {setting.label()}: {time.perf_counter() - start:.0f} s",
-            file=sys.stderr,
-            flush=True,
-        )
+    with tempfile.TemporaryDirectory(prefix="bench_wide_model_") as wide_dir:
+        if any(s.model == "wide" for s in plan.throughput_settings):
+            save_random_model(WIDE, Path(wide_dir))
+        model_dirs = {"tiny": str(ROOT / TINY_MODEL), "wide": wide_dir}
+        for setting in plan.throughput_settings:
+            start = time.perf_counter()
+            rows += measure_setting(setting, plan.methods, plan, model_dirs[setting.model])
+            print(
+                f"# throughput {setting.label()}: {time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------------- memory
+# ----------------------------------------------------------------------------------------------------- memory
 def save_random_model(config_kwargs: dict[str, Any], directory: Path) -> int:
     """A randomly initialised GLM saved with from_pretrained's layout (the quantised loaders need a directory)."""
     torch.manual_seed(0)
@@ -452,7 +468,7 @@ def memory(plan: Plan) -> tuple[list[dict[str, Any]], int]:
     return rows, n_params
 
 
-# ---------------------------------------------------------------------------------------------------------- profile
+# ---------------------------------------------------------------------------------------------------- profile
 def profile_ops(setting: Setting, methods: tuple[str, ...], steps: int, top: int = 12) -> dict[str, Any]:
     """Self CPU time per operator and method (ms per step), the methods' steps profiled in alternation."""
     from torch.profiler import ProfilerActivity, profile
@@ -486,15 +502,14 @@ def profile_ops(setting: Setting, methods: tuple[str, ...], steps: int, top: int
 
 
 def profile(plan: Plan) -> dict[str, Any]:
-    """Operator profile at the first setting; the ablation at each backbone's first setting without checkpointing."""
+    """Operator profile at the first setting; the ablation on glm-zh-tiny without checkpointing in fp32 (each
+    length) and bf16 (the first length)."""
     first = plan.throughput_settings[0]
     ablations = {}
     for setting in plan.throughput_settings:
-        if (
-            not setting.checkpointing
-            and setting.seq_len == first.seq_len
-            and setting.backbone in ("fp32", "bf16")
-        ):
+        if setting.model != "tiny" or setting.checkpointing:
+            continue
+        if setting.backbone == "fp32" or (setting.backbone == "bf16" and setting.seq_len == first.seq_len):
             ablations[setting.label()] = ablation(setting, plan.repeats, plan.calls)
     return {"ops": profile_ops(first, ("pt2", "limit"), plan.profile_steps), "ablation": ablations}
 
@@ -556,7 +571,7 @@ def hook_ms(model: nn.Module, setting: Setting, calls: int = 20) -> float:
     return 1000 * sorted(seconds)[len(seconds) // 2]
 
 
-# ---------------------------------------------------------------------------------------------------------- summary
+# ---------------------------------------------------------------------------------------------------- summary
 def find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
     for row in rows:
         if all(row.get(k) == v for k, v in match.items()) and row.get("status") == "ok":
@@ -572,7 +587,7 @@ def headline(
     rows: list[dict[str, Any]], mem: list[dict[str, Any]], setting: Setting
 ) -> dict[str, float | None]:
     """The issue's ratios, from the first throughput setting (fp32, shortest sequence, no checkpointing)."""
-    where = {"backbone": setting.backbone, "seq_len": setting.seq_len, "checkpointing": setting.checkpointing}
+    where = setting.where()
     tps = {m: median_of(find(rows, method=m, **where), "tokens_per_s") for m in METHODS}
     step = {m: median_of(find(rows, method=m, **where), "step_s") for m in METHODS}
     short_len = min((p["seq_len"] for p in mem), default=0)
@@ -599,7 +614,7 @@ def headline(
     }
 
 
-# --------------------------------------------------------------------------------------------------------- markdown
+# --------------------------------------------------------------------------------------------------- markdown
 def _cell(row: dict[str, Any] | None, key: str, fmt: str = "{:.0f}") -> str:
     if row is None:
         return "n/a"
@@ -618,7 +633,7 @@ def throughput_table(
     )
     table = [header, "|---|" + "---:|" * (len(methods) + 3)]
     for s in settings:
-        where = {"backbone": s.backbone, "seq_len": s.seq_len, "checkpointing": s.checkpointing}
+        where = s.where()
         cells = [
             _cell(next((r for r in rows if r["method"] == m and _matches(r, where)), None), "tokens_per_s")
             for m in methods
@@ -738,7 +753,12 @@ def plot_bars(rows: list[dict[str, Any]], seq_len: int) -> list[dict[str, Any]]:
     colors = {"fp32": "tab:blue", "bf16": "tab:orange", "int8": "tab:purple", "int4": "tab:green"}
     bars = []
     for row in rows:
-        if row["status"] == "ok" and row["seq_len"] == seq_len and not row["checkpointing"]:
+        if (
+            row["status"] == "ok"
+            and row["seq_len"] == seq_len
+            and not row["checkpointing"]
+            and row["model"] == "tiny"
+        ):
             stats = row["tokens_per_s"]
             bars.append(
                 {
@@ -798,7 +818,7 @@ def markdown(
     return "\n".join(parts)
 
 
-# ------------------------------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------------------------- main
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
