@@ -101,8 +101,12 @@ else
 fi
 
 # The expected peak memory per process (python -m ptuning_v2.plan), with a warning when it exceeds the device's.
-python -m ptuning_v2.plan --ignore_unknown_args --summary --num_gpus "$NUM_GPUS" "${ARGS[@]}" "${PASSTHROUGH[@]}" \
-  || echo "warning: no memory plan (see the error above); training anyway" >&2
+# Settings the plan cannot use are left for the trainer to report (one error line, before anything is loaded).
+if plan=$(python -m ptuning_v2.plan --ignore_unknown_args --summary --num_gpus "$NUM_GPUS" "${ARGS[@]}" \
+  "${PASSTHROUGH[@]}" 2>&1); then
+  grep -v '^warning:' <<<"$plan" || true
+  grep '^warning:' <<<"$plan" >&2 || true
+fi
 
 CMD=("${LAUNCH[@]}" "${ARGS[@]}" "${PASSTHROUGH[@]}")
 echo "+ ${CMD[*]}"
