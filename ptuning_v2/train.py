@@ -27,7 +27,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -1009,18 +1009,31 @@ def start_run(settings: RunSettings) -> OutputPlan:
 RUN_CONFIG = "run_config.yaml"
 
 
+def _plain_yaml(value: Any) -> bool:
+    """A value a settings file can hold and the parser read back (no config objects)."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain_yaml(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 def write_run_config(settings: RunSettings, path: Path) -> None:
     """The run's settings as a ``--config`` file: ``python -m ptuning_v2.train --config <it>`` repeats the run."""
     values: dict[str, Any] = {}
     for part in (settings.model, settings.data, settings.generation):
         values.update(asdict(part))
     values.update({k: v for k, v in asdict(settings.method).items() if k in asdict(settings.method_config())})
-    # The training arguments that differ from their defaults (the rest would only bury them).
-    args, plain = settings.training, PrefixTrainingArguments(output_dir=settings.training.output_dir)
+    # The training arguments that differ from their declared defaults (the rest would only bury them). Compared
+    # with the field defaults, not a fresh TrainingArguments: building one sets up devices and, under torchrun,
+    # the process group again.
+    args = settings.training
     for f in fields(PrefixTrainingArguments):
+        if not f.init or f.name.startswith("_"):
+            continue
         value = getattr(args, f.name, None)
-        if f.init and not f.name.startswith("_") and value != getattr(plain, f.name, None):
-            values[f.name] = getattr(value, "value", value)
+        value = getattr(value, "value", value)  # enums as their flag spelling
+        default = f.default if f.default is not MISSING else None
+        if value != getattr(default, "value", default) and _plain_yaml(value):
+            values[f.name] = value
     values["output_dir"] = args.output_dir
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(values, allow_unicode=True, sort_keys=False))
