@@ -189,9 +189,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860)
     # The sliders start at the generation settings every entry point shares.
     parser.add_argument(
-        "--max_new_tokens", type=int, default=GenerationSettings.max_new_tokens, help="the slider's starting value"
+        "--max_new_tokens",
+        type=int,
+        default=GenerationSettings.max_new_tokens,
+        help="the slider's starting value",
     )
-    parser.add_argument("--top_p", type=float, default=GenerationSettings.top_p, help="the slider's starting value")
+    parser.add_argument(
+        "--top_p", type=float, default=GenerationSettings.top_p, help="the slider's starting value"
+    )
     parser.add_argument(
         "--temperature",
         type=float,
