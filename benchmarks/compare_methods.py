@@ -266,6 +266,8 @@ def execute(run: Run, budget: Budget, paths: Paths) -> dict[str, Any]:
         "run": {**asdict(run), "id": run.id},
         "wall_seconds": round(time.monotonic() - started, 2),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux reports kilobytes
+        # CPU time, unlike wall time, hardly depends on what else the machine runs: the budget is planned on it.
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
         "exit_code": process.returncode,
     }
     if process.returncode == 0:
@@ -282,8 +284,9 @@ def execute_all(runs: list[Run], budget: Budget, paths: Paths, jobs: int, progre
 
     def one(run: Run) -> None:
         results[run.id] = execute(run, budget, paths)
-        score = results[run.id].get("dev", {}).get(TASKS[run.task].score)
-        progress.set_postfix_str(f"{run.id}: {'failed' if score is None else score}", refresh=False)
+        result = results[run.id]
+        shown = "failed" if "failed" in result else result.get("dev", {}).get(TASKS[run.task].score, "done")
+        progress.set_postfix_str(f"{run.id}: {shown}", refresh=False)
         progress.update(1)
 
     unique = list({run.id: run for run in runs}.values())
@@ -414,6 +417,7 @@ def summarise(runs: list[Run], results: dict[str, dict]) -> dict[str, Any]:
         "trainable": first.get("trainable"),
         "total": first.get("total"),
         "train_seconds": mean_std([r["train_seconds"] for r in done if r.get("train_seconds") is not None]),
+        "cpu_seconds": mean_std([r["cpu_seconds"] for r in done if r.get("cpu_seconds") is not None]),
         "peak_rss_mb": mean_std([r["peak_rss_mb"] for r in done]),
         **{f"{split}/{key}": _metric(done, split, key) for split in ("dev", "test") for key in keys},
     }
@@ -602,35 +606,41 @@ def _count(summary: dict) -> str:
 
 def main_table(task: Task, methods: dict[str, dict], budget: Budget) -> list[str]:
     keys = (task.score, *task.extra)
-    head = "| method | trainable | % of model | lr (grid) | train s | peak RSS MB | " + " | ".join(
-        f"{split} {key}" for key in keys for split in ("dev", "test")
+    head = (
+        "| method | trainable | % of model | lr (grid) | train s | run CPU s | peak RSS MB | "
+        + " | ".join(f"{split} {key}" for key in keys for split in ("dev", "test"))
     )
-    rows = [head + " | seeds |", "|---|---:|---:|---|---:|---:|" + "---:|" * (2 * len(keys)) + "---:|"]
+    rows = [head + " | seeds |", "|---|---:|---:|---|---:|---:|---:|" + "---:|" * (2 * len(keys)) + "---:|"]
     for method, s in methods.items():
         grid = "/".join(f"{lr:g}" for lr in budget.grid[method])
-        seconds, memory = s["train_seconds"], s["peak_rss_mb"]
+        seconds, cpu, memory = s["train_seconds"], s["cpu_seconds"], s["peak_rss_mb"]
         scores = " | ".join(_cell(s[f"{split}/{key}"]) for key in keys for split in ("dev", "test"))
         trainable, share = _count(s)
         rows.append(
             f"| {method} | {trainable} | {share} | {s['learning_rate']:g} ({grid}) | "
-            f"{'–' if not seconds else f'{seconds[0]:.0f}'} | {'–' if not memory else f'{memory[0]:.0f}'} | "
+            f"{'–' if not seconds else f'{seconds[0]:.0f}'} | {'–' if not cpu else f'{cpu[0]:.0f}'} | "
+            f"{'–' if not memory else f'{memory[0]:.0f}'} | "
             f"{scores} | {s['done']}/{s['runs']} |"
         )
     return rows
 
 
 def grid_table(tables: dict[str, Any], budget: Budget, rates: dict) -> list[str]:
-    rows = ["| task | method | dev score by learning rate (seed 0; chosen in bold) |", "|---|---|---|"]
+    rows = [
+        "| task | method | dev score by learning rate (seed 0; chosen in bold) | chosen at the grid's edge |",
+        "|---|---|---|---|",
+    ]
     for task in TASKS:
         for method in budget.methods:
-            cells = []
+            cells, grid = [], budget.grid[method]
             for lr in budget.grid[method]:
                 value = tables["grid"].get(f"{task}/{method}/{lr:g}", -math.inf)
                 shown = "failed/–" if value == -math.inf else f"{value:.2f}"
                 cells.append(
                     f"**{lr:g}: {shown}**" if rates.get((task, method)) == lr else f"{lr:g}: {shown}"
                 )
-            rows.append(f"| {task} | {method} | {', '.join(cells)} |")
+            edge = len(grid) > 1 and rates.get((task, method)) in (min(grid), max(grid))
+            rows.append(f"| {task} | {method} | {', '.join(cells)} | {'yes' if edge else ''} |")
     return rows
 
 
@@ -693,12 +703,15 @@ def render(report: dict[str, Any], budget: Budget) -> str:
         f"Date: {report['date']}  ",
         f"Machine: {report['machine']}; every run a fresh `python -m ptuning_v2.train` process with 1 torch "
         f"thread, {report['jobs']} at a time  ",
-        f"Wall time of this invocation: {report['wall_minutes']:.1f} min; runs' own wall time summed: "
-        f"{report['run_minutes']:.1f} min",
+        f"Wall time: {report['wall_minutes']:.1f} min in {len(report['invocations'])} invocation(s) (a restart "
+        f"skips the finished runs); the runs' wall time summed: "
+        f"{report['run_minutes']:.1f} min; their CPU time summed: {report['cpu_minutes']:.1f} min "
+        f"({report['cpu_minutes'] / 2:.1f} min of two otherwise idle cores)",
         "",
         f"Backbone `{report['model']}`. Budget: {budget.describe()}.",
-        "Scores ×100; mean ± std over the seeds; train s is the Trainer's train_runtime, peak RSS the whole "
-        "process's (Python, torch and the model included). The tolerance for 'same' is the sum of the two stds "
+        "Scores ×100; mean ± std over the seeds; train s is the Trainer's train_runtime (wall time, on a shared "
+        "machine), run CPU s the whole process's CPU time (start-up, data, training, evaluation), peak RSS the "
+        "whole process's (Python, torch and the model included). The tolerance for 'same' is the sum of the two stds "
         "(at least 0.5 points).",
         "",
         "## The paper's claims",
@@ -713,6 +726,11 @@ def render(report: dict[str, Any], budget: Budget) -> str:
             *main_table(task, tables["main"][task.name], budget),
         ]
     lines += ["", "## Learning-rate grid", "", *grid_table(tables, budget, rates)]
+    lines += [
+        "",
+        "A rate chosen at the grid's edge means the best rate for this budget may lie beyond the grid: that "
+        "method's scores are a lower bound of what it can do here.",
+    ]
     lines += ["", f"## Multi-task prompt pre-training (P-Tuning v2, target {MPT_TARGET})", ""]
     lines += mpt_table(tables, budget)
     lines += ["", "## Prompt length (P-Tuning v2)", "", *sweep_table(tables)]
@@ -773,6 +791,7 @@ def write_report(
         "runs_done": len(results),
         "runs_planned": planned_count(budget),
         "run_minutes": sum(r["wall_seconds"] for r in results.values()) / 60,
+        "cpu_minutes": sum(r.get("cpu_seconds", r["wall_seconds"]) for r in results.values()) / 60,
         "tables": tables,
         "claims": judge(tables),
         "runs": results,
@@ -791,7 +810,9 @@ def write_report(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="smoke settings: 4 steps, P-Tuning v2 only, 2 seeds")
+    parser.add_argument(
+        "--tiny", action="store_true", help="smoke settings: 4 steps, P-Tuning v2 only, 2 seeds"
+    )
     parser.add_argument("--model", default="models/glm-zh-tiny", help="backbone directory")
     parser.add_argument(
         "--data", default="data", help="the bundled data's directory (ner/, sentiment/, seg/, nlu/)"
@@ -809,6 +830,20 @@ def _known_results(paths: Paths) -> dict[str, dict]:
         result = json.loads(file.read_text())
         found[result["run"]["id"]] = result
     return found
+
+
+def _invocations(paths: Paths) -> list[dict[str, Any]]:
+    file = paths.workdir / "invocations.json"
+    return json.loads(file.read_text()) if file.is_file() else []
+
+
+def record_invocation(paths: Paths, started: str, minutes: float) -> list[dict[str, Any]]:
+    """This invocation's wall time so far, beside the earlier ones' (a restart resumes them): every invocation."""
+    invocations = [i for i in _invocations(paths) if i["started"] != started]
+    invocations.append({"started": started, "minutes": round(minutes, 2)})
+    paths.workdir.mkdir(parents=True, exist_ok=True)
+    (paths.workdir / "invocations.json").write_text(json.dumps(invocations, indent=1) + "\n")
+    return invocations
 
 
 def phases(budget: Budget, results: dict[str, dict]) -> Iterable[list[Run]]:
@@ -829,19 +864,31 @@ def main(argv: list[str] | None = None) -> int:
     command = os.environ.get("COMPARE_COMMAND") or " ".join(
         ["python -m benchmarks.compare_methods", *sys.argv[1:]]
     )
-    meta = lambda: {  # noqa: E731
-        "command": command,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
-        "model": str(paths.model),
-        "jobs": args.jobs,
-        "wall_minutes": (time.monotonic() - started) / 60,
-    }
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+    def meta() -> dict[str, Any]:
+        minutes = (time.monotonic() - started) / 60
+        invocations = (
+            record_invocation(paths, stamp, minutes) if not args.report_only else _invocations(paths)
+        )
+        return {
+            "command": command,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": machine(),
+            "model": str(paths.model),
+            "jobs": args.jobs,
+            "invocations": invocations,
+            "wall_minutes": sum(i["minutes"] for i in invocations),
+        }
+
     results = _known_results(paths)
     if not args.report_only:
-        with tqdm(total=planned_count(budget), desc="runs", unit="run", file=sys.stdout) as progress:
+        total = planned_count(budget)
+        initial = min(len(results), total)
+        with tqdm(total=total, initial=initial, desc="runs", unit="run", file=sys.stdout) as bar:
             for runs in phases(budget, results):
-                results.update(execute_all(runs, budget, paths, args.jobs, progress))
+                new = [run for run in runs if run.id not in results]  # a finished run is not run again
+                results.update(execute_all(new, budget, paths, args.jobs, bar))
                 write_report(budget, paths, results, meta())
     report = write_report(budget, paths, results, meta())
     print(f"{report['runs_done']}/{report['runs_planned']} runs; report: {paths.results / REPORT}.md")

@@ -106,6 +106,18 @@ def test_learning_rate_is_chosen_on_dev_at_seed_0():
     )  # the best dev, although another rate has the best test score
 
 
+def test_the_full_plan_counts_every_distinct_run_once():
+    """The progress bar's total: seed 0 at the chosen rate is a grid run, length 64 of the sweep a main run."""
+    budget = cm.FULL
+    results = {r.id: {"dev": {cm.TASKS[r.task].score: r.learning_rate}} for r in cm.grid_runs(budget)}
+    planned = {run.id for runs in cm.phases(budget, results) for run in runs}
+    assert len(planned) == cm.planned_count(budget) == 116
+    rates = cm.chosen_rates(budget, results)
+    assert rates["ner_tok", "full"] == 3e-4  # the best dev score: here the largest rate
+    targets = cm.target_runs(budget, rates)
+    assert {r.steps for r in targets} == {budget.steps} and len(targets) == 2 * len(budget.seeds)
+
+
 def test_same_means_within_the_sum_of_the_stds():
     assert cm.compare((50.0, 1.0), (48.5, 1.0)) == "same"
     assert cm.compare((50.0, 1.0), (47.9, 1.0)) == "higher"
