@@ -4,13 +4,14 @@ prompt length, on the embedded backbone (issue 14).
     bash scripts/compare_methods.sh                # the whole comparison -> benchmarks/results/methods.{md,png,json}
     python -m benchmarks.compare_methods --tiny --model DIR --data DIR --results DIR --workdir DIR   # the test
 
-What runs, in three phases (each phase's runs two at a time, ``--jobs``):
+What runs, in four phases (each phase's runs two at a time, ``--jobs``):
 
-1. the learning-rate grid: every method x task at seed 0 and each learning rate of the method's grid; the rate
-   with the best dev score is the method's rate for that task (never the test score);
-2. the other seeds at the chosen rates; the two multi-task pre-trainings (a P-Tuning v2 prefix on the mix of the
+1. the learning-rate grid: every method x task at seed 0 and each learning rate of the method's grid;
+2. where a grid's best dev score sits at its edge, one more rate a step beyond that edge; the rate with the best
+   dev score of those tried is the method's rate for that task (never the test score);
+3. the other seeds at the chosen rates; the two multi-task pre-trainings (a P-Tuning v2 prefix on the mix of the
    bundled generative tasks, with and without the target task); the prompt-length sweep;
-3. the target runs warm-started from those pre-trained prefixes.
+4. the target runs warm-started from those pre-trained prefixes.
 
 Every training is a subprocess ``python -m ptuning_v2.train ...`` with one torch thread (two threads on a shared
 2-core machine spend most of their time waiting for each other), so its peak memory is its own (``os.wait4``'s
@@ -122,7 +123,8 @@ class Budget:
             f"{self.steps} steps of batch {self.batch} for every method and task (each training example seen once: "
             f"the first {self.steps * self.batch} of the training file), linear decay, no warmup; "
             f"seeds {', '.join(map(str, self.seeds))}; prompt length {self.pre_seq_len}; learning rate chosen per "
-            f"method and task from its grid on dev at seed 0; generative tasks scored on the first "
+            f"method and task on dev at seed 0 from its grid (one step further where the grid's best sits at its "
+            f"edge); generative tasks scored on the first "
             f"{self.dev_generation} dev / {self.test_generation} test examples (greedy, at most "
             f"{self.max_new_tokens} new tokens), NLU heads on the first {self.dev_nlu} dev / {self.test_nlu} test; "
             f"multi-task pre-training {self.mpt_steps} steps on the mix, then {self.steps} target steps"
@@ -313,18 +315,58 @@ def grid_runs(budget: Budget) -> list[Run]:
     ]
 
 
-def chosen_rates(budget: Budget, results: dict[str, dict]) -> dict[tuple[str, str], float]:
-    """(task, method) -> the grid's learning rate with the best dev score at seed 0 (ties: the smaller rate)."""
-    chosen = {}
+def next_rate(rate: float, up: bool) -> float:
+    """The neighbour of ``rate`` in the 1-3-10 sequence the grids are written in (1e-2, 3e-2, 1e-1, ...)."""
+    exponent = math.floor(math.log10(rate) + 1e-9)
+    small = round(rate / 10**exponent) < 2  # a 1eK rate, else a 3eK one
+    if up:
+        return float(f"3e{exponent}") if small else float(f"1e{exponent + 1}")
+    return float(f"3e{exponent - 1}") if small else float(f"1e{exponent}")
+
+
+def _best_rate(
+    budget: Budget, results: dict[str, dict], task: str, method: str, rates: Iterable[float]
+) -> float:
+    """The rate with the best dev score at seed 0 (ties: the smaller rate)."""
+    runs = [Run(task, method, lr, budget.seeds[0], budget.pre_seq_len, budget.steps) for lr in rates]
+    return max(runs, key=lambda r: (dev_score(results.get(r.id), task), -r.learning_rate)).learning_rate
+
+
+def searched_rates(budget: Budget, results: dict[str, dict]) -> dict[tuple[str, str], tuple[float, ...]]:
+    """(task, method) -> the rates tried at seed 0: the method's grid, plus one step beyond its edge where the
+    grid's best dev score sits at that edge (once: the budget stays bounded, and a rate still at the edge is
+    flagged in the report)."""
+    searched = {}
     for task in TASKS:
         for method in budget.methods:
-            runs = [
-                Run(task, method, lr, budget.seeds[0], budget.pre_seq_len, budget.steps)
-                for lr in budget.grid[method]
-            ]
-            best = max(runs, key=lambda r: (dev_score(results.get(r.id), task), -r.learning_rate))
-            chosen[task, method] = best.learning_rate
-    return chosen
+            grid = tuple(sorted(budget.grid[method]))
+            ids = [Run(task, method, lr, budget.seeds[0], budget.pre_seq_len, budget.steps).id for lr in grid]
+            if len(grid) > 1 and all(i in results for i in ids):
+                best = _best_rate(budget, results, task, method, grid)
+                if best == grid[0]:
+                    grid = (next_rate(best, up=False), *grid)
+                elif best == grid[-1]:
+                    grid = (*grid, next_rate(best, up=True))
+            searched[task, method] = grid
+    return searched
+
+
+def edge_runs(budget: Budget, results: dict[str, dict]) -> list[Run]:
+    """The runs one step beyond a grid's edge (``searched_rates``), once the grid's runs are done."""
+    return [
+        Run(task, method, lr, budget.seeds[0], budget.pre_seq_len, budget.steps)
+        for (task, method), rates in searched_rates(budget, results).items()
+        for lr in rates
+        if lr not in budget.grid[method]
+    ]
+
+
+def chosen_rates(budget: Budget, results: dict[str, dict]) -> dict[tuple[str, str], float]:
+    """(task, method) -> the searched rate with the best dev score at seed 0 (ties: the smaller rate)."""
+    return {
+        (task, method): _best_rate(budget, results, task, method, rates)
+        for (task, method), rates in searched_rates(budget, results).items()
+    }
 
 
 def seed_runs(budget: Budget, rates: dict[tuple[str, str], float]) -> list[Run]:
@@ -377,14 +419,15 @@ def sweep_runs(budget: Budget, rates: dict[tuple[str, str], float]) -> list[Run]
     ]
 
 
-def planned_count(budget: Budget) -> int:
-    """How many distinct runs the whole comparison makes (for the progress bar), before any rate is known."""
+def planned_count(budget: Budget, results: dict[str, dict] | None = None) -> int:
+    """How many distinct runs the whole comparison makes (for the progress bar); the runs beyond a grid's edge
+    count once the grid's results say which are needed."""
     per_cell = len(budget.seeds) - 1
     main = sum(len(budget.grid[m]) + per_cell for m in budget.methods) * len(TASKS)
     mpt = len(budget.mixes) * (1 + len(budget.seeds)) if "ptuning_v2" in budget.methods else 0
     other_lengths = [n for n in budget.lengths if n != budget.pre_seq_len]
     sweep = len(SWEEP_TASKS) * len(other_lengths) * len(budget.seeds) if "ptuning_v2" in budget.methods else 0
-    return main + mpt + sweep
+    return main + mpt + sweep + len(edge_runs(budget, results or {}))
 
 
 # ------------------------------------------------------------------------------------------------ summaries
@@ -437,7 +480,7 @@ def summaries(budget: Budget, results: dict[str, dict]) -> dict[str, Any]:
     }
     grid = {
         f"{r.task}/{r.method}/{r.learning_rate:g}": dev_score(results.get(r.id), r.task)
-        for r in grid_runs(budget)
+        for r in grid_runs(budget) + edge_runs(budget, results)
     }
     mpt = {"scratch": main[MPT_TARGET].get("ptuning_v2")} if "ptuning_v2" in budget.methods else {}
     for pre in pretrain_runs(budget, rates):
@@ -604,7 +647,9 @@ def _count(summary: dict) -> str:
     return f"{summary['trainable']:,}", f"{100 * summary['trainable'] / summary['total']:.2f}%"
 
 
-def main_table(task: Task, methods: dict[str, dict], budget: Budget) -> list[str]:
+def main_table(
+    task: Task, methods: dict[str, dict], searched: dict[tuple[str, str], list[float]]
+) -> list[str]:
     keys = (task.score, *task.extra)
     head = (
         "| method | trainable | % of model | lr (grid) | train s | run CPU s | peak RSS MB | "
@@ -612,7 +657,7 @@ def main_table(task: Task, methods: dict[str, dict], budget: Budget) -> list[str
     )
     rows = [head + " | seeds |", "|---|---:|---:|---|---:|---:|---:|" + "---:|" * (2 * len(keys)) + "---:|"]
     for method, s in methods.items():
-        grid = "/".join(f"{lr:g}" for lr in budget.grid[method])
+        grid = "/".join(f"{lr:g}" for lr in searched[task.name, method])
         seconds, cpu, memory = s["train_seconds"], s["cpu_seconds"], s["peak_rss_mb"]
         scores = " | ".join(_cell(s[f"{split}/{key}"]) for key in keys for split in ("dev", "test"))
         trainable, share = _count(s)
@@ -625,20 +670,20 @@ def main_table(task: Task, methods: dict[str, dict], budget: Budget) -> list[str
     return rows
 
 
-def grid_table(tables: dict[str, Any], budget: Budget, rates: dict) -> list[str]:
+def grid_table(tables: dict[str, Any], budget: Budget, rates: dict, searched: dict) -> list[str]:
     rows = [
-        "| task | method | dev score by learning rate (seed 0; chosen in bold) | chosen at the grid's edge |",
+        "| task | method | dev score by learning rate (seed 0; chosen in bold; beyond the method's grid in "
+        "italics) | chosen at the searched range's edge |",
         "|---|---|---|---|",
     ]
     for task in TASKS:
         for method in budget.methods:
-            cells, grid = [], budget.grid[method]
-            for lr in budget.grid[method]:
+            cells, grid = [], searched[task, method]
+            for lr in grid:
                 value = tables["grid"].get(f"{task}/{method}/{lr:g}", -math.inf)
                 shown = "failed/–" if value == -math.inf else f"{value:.2f}"
-                cells.append(
-                    f"**{lr:g}: {shown}**" if rates.get((task, method)) == lr else f"{lr:g}: {shown}"
-                )
+                cell = f"{lr:g}: {shown}" if lr in budget.grid[method] else f"*{lr:g}: {shown}*"
+                cells.append(f"**{cell}**" if rates.get((task, method)) == lr else cell)
             edge = len(grid) > 1 and rates.get((task, method)) in (min(grid), max(grid))
             rows.append(f"| {task} | {method} | {', '.join(cells)} | {'yes' if edge else ''} |")
     return rows
@@ -692,6 +737,7 @@ def claims_table(claims: dict[str, Any]) -> list[str]:
 
 def render(report: dict[str, Any], budget: Budget) -> str:
     tables, rates = report["tables"], {tuple(k.split("/")): v for k, v in report["rates"].items()}
+    searched = {tuple(k.split("/")): v for k, v in report["searched"].items()}
     done, planned = report["runs_done"], report["runs_planned"]
     status = (
         "" if done >= planned else f"**PARTIAL: {done} of {planned} runs done; missing runs show as –.**\n\n"
@@ -723,13 +769,14 @@ def render(report: dict[str, Any], budget: Budget) -> str:
             "",
             f"## {task.title} ({task.name})",
             "",
-            *main_table(task, tables["main"][task.name], budget),
+            *main_table(task, tables["main"][task.name], searched),
         ]
-    lines += ["", "## Learning-rate grid", "", *grid_table(tables, budget, rates)]
+    lines += ["", "## Learning-rate grid", "", *grid_table(tables, budget, rates, searched)]
     lines += [
         "",
-        "A rate chosen at the grid's edge means the best rate for this budget may lie beyond the grid: that "
-        "method's scores are a lower bound of what it can do here.",
+        "Where a grid's best dev score sat at its edge, one more rate a step beyond that edge was tried (in "
+        "italics). A rate still chosen at the edge of what was searched means the best rate for this budget may "
+        "lie further out: that method's scores are a lower bound of what it can do here.",
     ]
     lines += ["", f"## Multi-task prompt pre-training (P-Tuning v2, target {MPT_TARGET})", ""]
     lines += mpt_table(tables, budget)
@@ -788,8 +835,9 @@ def write_report(
         **meta,
         "budget": asdict(budget),
         "rates": {f"{t}/{m}": lr for (t, m), lr in rates.items()},
+        "searched": {f"{t}/{m}": list(lrs) for (t, m), lrs in searched_rates(budget, results).items()},
         "runs_done": len(results),
-        "runs_planned": planned_count(budget),
+        "runs_planned": planned_count(budget, results),
         "run_minutes": sum(r["wall_seconds"] for r in results.values()) / 60,
         "cpu_minutes": sum(r.get("cpu_seconds", r["wall_seconds"]) for r in results.values()) / 60,
         "tables": tables,
@@ -849,6 +897,7 @@ def record_invocation(paths: Paths, started: str, minutes: float) -> list[dict[s
 def phases(budget: Budget, results: dict[str, dict]) -> Iterable[list[Run]]:
     """The runs of each phase; a phase's runs depend only on the results of the phases before it."""
     yield grid_runs(budget)
+    yield edge_runs(budget, results)
     rates = chosen_rates(budget, results)
     yield seed_runs(budget, rates) + pretrain_runs(budget, rates) + sweep_runs(budget, rates)
     yield target_runs(budget, rates)
@@ -889,6 +938,8 @@ def main(argv: list[str] | None = None) -> int:
             for runs in phases(budget, results):
                 new = [run for run in runs if run.id not in results]  # a finished run is not run again
                 results.update(execute_all(new, budget, paths, args.jobs, bar))
+                bar.total = planned_count(budget, results)
+                bar.refresh()
                 write_report(budget, paths, results, meta())
     report = write_report(budget, paths, results, meta())
     print(f"{report['runs_done']}/{report['runs_planned']} runs; report: {paths.results / REPORT}.md")

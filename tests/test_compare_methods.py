@@ -107,15 +107,48 @@ def test_learning_rate_is_chosen_on_dev_at_seed_0():
 
 
 def test_the_full_plan_counts_every_distinct_run_once():
-    """The progress bar's total: seed 0 at the chosen rate is a grid run, length 64 of the sweep a main run."""
+    """The progress bar's total: seed 0 at the chosen rate is a grid run, length 64 of the sweep a main run; a
+    rate beyond a grid's edge counts once the grid says it is needed."""
     budget = cm.FULL
+    assert cm.planned_count(budget) == 116
     results = {r.id: {"dev": {cm.TASKS[r.task].score: r.learning_rate}} for r in cm.grid_runs(budget)}
+    for run in cm.edge_runs(budget, results):  # the best dev is at the top of every grid: one step up each
+        results[run.id] = {"dev": {cm.TASKS[run.task].score: 0.0}}
     planned = {run.id for runs in cm.phases(budget, results) for run in runs}
-    assert len(planned) == cm.planned_count(budget) == 116
+    assert len(planned) == cm.planned_count(budget, results) == 116 + 18
     rates = cm.chosen_rates(budget, results)
-    assert rates["ner_tok", "full"] == 3e-4  # the best dev score: here the largest rate
+    assert rates["ner_tok", "full"] == 3e-4  # the step beyond (1e-3) scored worse on dev
+    assert cm.searched_rates(budget, results)["ner_tok", "full"] == (3e-5, 1e-4, 3e-4, 1e-3)
     targets = cm.target_runs(budget, rates)
     assert {r.steps for r in targets} == {budget.steps} and len(targets) == 2 * len(budget.seeds)
+
+
+def test_a_grid_whose_best_is_at_its_edge_is_searched_one_step_further():
+    budget = cm.Budget(methods=("lora", "ptuning_v2"), seeds=(0, 1))
+    assert cm.edge_runs(budget, {}) == []  # nothing is known before the grid has run
+    scores = {
+        "lora": {3e-4: 50.0, 1e-3: 40.0, 3e-3: 30.0},
+        "ptuning_v2": {1e-2: 10.0, 3e-2: 60.0, 1e-1: 20.0},
+    }
+    results = {}
+    for task in cm.TASKS:
+        for method, by_rate in scores.items():
+            for lr, dev in by_rate.items():
+                run = cm.Run(task, method, lr, 0, budget.pre_seq_len, budget.steps)
+                results[run.id] = {"dev": {cm.TASKS[task].score: dev}}
+    beyond = cm.edge_runs(budget, results)
+    assert {(r.method, r.learning_rate) for r in beyond} == {("lora", 1e-4)}  # ptuning_v2's best is inside
+    assert len(beyond) == len(cm.TASKS)
+    for run in beyond:
+        results[run.id] = {"dev": {cm.TASKS[run.task].score: 55.0}}
+    assert cm.chosen_rates(budget, results)["ner_gen", "lora"] == 1e-4
+    assert cm.edge_runs(budget, results) == beyond  # one step only, although 1e-4 is again at the edge
+    assert [cm.next_rate(r, up) for r, up in ((1e-1, True), (3e-2, True), (1e-2, False), (3e-5, False))] == [
+        0.3,
+        0.1,
+        0.003,
+        1e-05,
+    ]
 
 
 def test_same_means_within_the_sum_of_the_stds():
