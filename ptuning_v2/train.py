@@ -701,6 +701,11 @@ def _trained(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return tuning_of(model).trainable_parameters()
 
 
+def _trained_name(model: torch.nn.Module) -> str:
+    """How the health messages name what trains, for every method (a prefix, LoRA, the whole model)."""
+    return f"the trained weights ({tuning_of(model).name})"
+
+
 class TrainingHealthCallback(TrainerCallback):
     """Stop a run whose prefix has blown up or no longer learns, naming the step; nothing of it is saved.
 
@@ -734,9 +739,9 @@ class TrainingHealthCallback(TrainerCallback):
         if step - self.zero_since + 1 >= args.zero_grad_patience:
             raise _stopped(
                 SaturatedError,
-                f"the prefix's gradient has been exactly 0 since step {self.zero_since} ({args.zero_grad_patience} "
-                f"optimizer steps in a row, up to step {step}; --zero_grad_patience): the loss no longer depends "
-                "on the prefix, which has most likely saturated",
+                f"the gradient of {_trained_name(model)} has been exactly 0 since step {self.zero_since} "
+                f"({args.zero_grad_patience} optimizer steps in a row, up to step {step}; --zero_grad_patience): "
+                "the loss no longer depends on them (most likely saturated)",
                 args,
             )
 
@@ -754,15 +759,15 @@ class TrainingHealthCallback(TrainerCallback):
         if not math.isfinite(largest):
             raise _stopped(
                 NonFiniteError,
-                f"the prefix weights are no longer finite ({largest}) after step {state.global_step}",
+                f"{_trained_name(model)} are no longer finite ({largest}) after step {state.global_step}",
                 args,
             )
         if largest > args.max_prefix_weight:
             raise _stopped(
                 SaturatedError,
-                f"the prefix has saturated at step {state.global_step}: a weight of magnitude {largest:.3g}, past "
-                f"--max_prefix_weight {args.max_prefix_weight:g} (normal runs stay far below it), leaves attention "
-                "all-or-nothing and the gradient ~0",
+                f"{_trained_name(model)} saturated at step {state.global_step}: a weight of magnitude "
+                f"{largest:.3g}, past --max_prefix_weight {args.max_prefix_weight:g} (normal runs stay far below "
+                "it), leaves attention all-or-nothing and the gradient ~0",
                 args,
             )
 

@@ -185,3 +185,20 @@ def test_claims_read_their_tables():
         "ner_tok": 64,
     }
     assert claims["mpt"]["verdict"] == "pass"
+    # Differences within the seeds' spread are 'not shown', not 'fail'; numbers against a claim are 'fail'.
+    wide = lambda v: {"dev/accuracy": (v, 2.0, 3), "dev/span-f1": (v, 2.0, 3)}  # noqa: E731
+    tables["sweep"] = {"sentiment_cls": {4: wide(70), 64: wide(72)}, "ner_tok": {4: wide(41), 64: wide(40)}}
+    tables["mpt"]["mix_all"] = summary(30.4)
+    tables["main"]["ner_tok"]["prompt_tuning"] = summary(39.8)
+    claims = cm.judge(tables)
+    assert claims["length"]["verdict"] == "not shown" and claims["length"]["best"]["ner_tok"] == 4
+    assert claims["mpt"]["verdict"] == "not shown"
+    assert claims["shallow_fail"]["verdict"] == "partly"  # v1 clearly below, prompt tuning within the spread
+    tables["main"]["ner_tok"]["prompt_tuning"] = summary(45)
+    tables["main"]["ner_tok"]["ptuning_v1"] = summary(40)
+    assert cm.judge(tables)["shallow_fail"]["verdict"] == "fail"  # one above, one level: against the claim
+    tables["main"]["ner_gen"]["prefix_tuning"] = summary(30)
+    tables["main"]["ner_tok"]["prefix_tuning"] = summary(40)
+    assert cm.judge(tables)["mlp"]["verdict"] == "not shown"  # level on every task
+    tables["main"]["sentiment_cls"]["prefix_tuning"] = summary(70)
+    assert cm.judge(tables)["mlp"]["verdict"] == "fail"  # never helps, hurts once
