@@ -2,7 +2,7 @@
 # The P-Tuning v2 paper's claims on the embedded backbone (issue 14): every method on every task (generative NER,
 # sentiment with a sequence-classification head, NER with a token-classification head), multi-task prompt
 # pre-training, and the prompt-length sweep -> benchmarks/results/methods.{md,png,json}.
-#   bash scripts/compare_methods.sh                  # the whole comparison (about 90 min on 2 CPU cores)
+#   bash scripts/compare_methods.sh                  # the whole comparison (78 min on 2 CPU cores, 2026-11-27)
 #   bash scripts/compare_methods.sh --report_only    # rewrite the report from the runs finished so far
 #   bash scripts/compare_methods.sh --tiny --model DIR --data DIR --workdir DIR --results DIR   # the test's
 # A restart skips every finished run (output/compare_methods/runs/<run>/result.json). Flags: --help.
