@@ -58,6 +58,7 @@ class TerminalChat:
         self.out = out
 
     def run(self) -> None:
+        _own_ctrl_c()
         self.say(f"{self.engine.model_name} with prefix: {self.prefix or NO_PREFIX} | {HELP}")
         interrupted = False  # the last prompt ended with Ctrl-C: a second one in a row quits
         while True:
@@ -144,6 +145,16 @@ class TerminalChat:
 
     def say(self, line: str) -> None:
         self.write(line + "\n")
+
+
+def _own_ctrl_c() -> None:
+    """Ctrl-C raises KeyboardInterrupt in the chat, also when it was started with SIGINT ignored: a parent that
+    ignores it passes that on through exec and Python then leaves it ignored, so Ctrl-C would stop a reply (its
+    handler is installed for the reply) but do nothing at the prompt."""
+    if threading.current_thread() is threading.main_thread() and not callable(
+        signal.getsignal(signal.SIGINT)
+    ):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class _ctrl_c_cancels:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ def engine(paths):
     engine.close()
 
 
-def start_chat(paths: dict[str, Path], max_new_tokens: int) -> pexpect.spawn:
+def start_chat(paths: dict[str, Path], max_new_tokens: int, **spawn: object) -> pexpect.spawn:
     settings = [
         f"MODEL={paths['model']}",
         f"PREFIXES=ours={paths['ours']},official={paths['official']}",
@@ -59,10 +60,31 @@ def start_chat(paths: dict[str, Path], max_new_tokens: int) -> pexpect.spawn:
         codec_errors="replace",
         timeout=120,
         dimensions=(40, 200),
+        **spawn,
     )
     child.expect_exact("with prefix: ours")
     child.expect_exact(PROMPT)
     return child
+
+
+def test_ctrl_c_works_when_the_chat_was_started_with_it_ignored(paths):
+    """A parent that ignores SIGINT passes that on through exec, and Python then leaves it ignored (pytest's own
+    process can end up so after other tests): Ctrl-C at the prompt must still say how to leave, and quit."""
+    child = start_chat(
+        paths, max_new_tokens=4, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)
+    )
+    try:
+        child.sendline("你好")
+        child.expect(ENDED)
+        child.expect_exact(PROMPT)
+        child.sendintr()
+        child.expect_exact("Ctrl-C again", timeout=30)
+        child.expect_exact(PROMPT)
+        child.sendintr()
+        child.expect(pexpect.EOF, timeout=30)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, (child.exitstatus, child.signalstatus)
 
 
 def clean(text: str) -> str:
