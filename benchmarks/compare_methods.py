@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ptuning_v2.files import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 REPORT = "methods"
@@ -306,9 +308,14 @@ def dev_score(result: dict | None, task: str) -> float:
     return -math.inf if value is None else value
 
 
+def rate_run(budget: Budget, task: str, method: str, learning_rate: float) -> Run:
+    """The run that tries a learning rate: seed 0 at the main prompt length."""
+    return Run(task, method, learning_rate, budget.seeds[0], budget.pre_seq_len, budget.steps)
+
+
 def grid_runs(budget: Budget) -> list[Run]:
     return [
-        Run(task, method, lr, budget.seeds[0], budget.pre_seq_len, budget.steps)
+        rate_run(budget, task, method, lr)
         for task in TASKS
         for method in budget.methods
         for lr in budget.grid[method]
@@ -328,7 +335,7 @@ def _best_rate(
     budget: Budget, results: dict[str, dict], task: str, method: str, rates: Iterable[float]
 ) -> float:
     """The rate with the best dev score at seed 0 (ties: the smaller rate)."""
-    runs = [Run(task, method, lr, budget.seeds[0], budget.pre_seq_len, budget.steps) for lr in rates]
+    runs = [rate_run(budget, task, method, lr) for lr in rates]
     return max(runs, key=lambda r: (dev_score(results.get(r.id), task), -r.learning_rate)).learning_rate
 
 
@@ -340,8 +347,7 @@ def searched_rates(budget: Budget, results: dict[str, dict]) -> dict[tuple[str, 
     for task in TASKS:
         for method in budget.methods:
             grid = tuple(sorted(budget.grid[method]))
-            ids = [Run(task, method, lr, budget.seeds[0], budget.pre_seq_len, budget.steps).id for lr in grid]
-            if len(grid) > 1 and all(i in results for i in ids):
+            if len(grid) > 1 and all(rate_run(budget, task, method, lr).id in results for lr in grid):
                 best = _best_rate(budget, results, task, method, grid)
                 if best == grid[0]:
                     grid = (next_rate(best, up=False), *grid)
@@ -354,7 +360,7 @@ def searched_rates(budget: Budget, results: dict[str, dict]) -> dict[tuple[str, 
 def edge_runs(budget: Budget, results: dict[str, dict]) -> list[Run]:
     """The runs one step beyond a grid's edge (``searched_rates``), once the grid's runs are done."""
     return [
-        Run(task, method, lr, budget.seeds[0], budget.pre_seq_len, budget.steps)
+        rate_run(budget, task, method, lr)
         for (task, method), rates in searched_rates(budget, results).items()
         for lr in rates
         if lr not in budget.grid[method]
@@ -919,8 +925,8 @@ def record_invocation(paths: Paths, started: str, minutes: float, command: str) 
     """This invocation's wall time so far, beside the earlier ones' (a restart resumes them): every invocation."""
     invocations = [i for i in _invocations(paths) if i["started"] != started]
     invocations.append({"started": started, "minutes": round(minutes, 2), "command": command})
-    paths.workdir.mkdir(parents=True, exist_ok=True)
-    (paths.workdir / "invocations.json").write_text(json.dumps(invocations, indent=1) + "\n")
+    # Atomic: a run killed while writing must not leave a file that stops the restart from reading it.
+    atomic_write_text(paths.workdir / "invocations.json", json.dumps(invocations, indent=1) + "\n")
     return invocations
 
 
