@@ -278,7 +278,7 @@ def execute(run: Run, budget: Budget, paths: Paths) -> dict[str, Any]:
         result.update(_outcome(run, directory / "train", log))
     else:
         result["failed"] = _failure(log)
-    (directory / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(directory / "result.json", json.dumps(result, indent=2) + "\n")  # a restart reads it
     return result
 
 
