@@ -144,7 +144,7 @@ def _attach_prefix():
     try:  # the package-level export (methods layout)
         from ptuning_v2 import attach_prefix
     except ImportError:  # the layout before it
-        from ptuning_v2.attach import attach_prefix
+        from ptuning_v2.methods.prefix import attach_prefix
     return attach_prefix
 
 
@@ -189,7 +189,7 @@ def run_child(row: Row, saved_dir: str | None, profile: bool = True) -> dict[str
     import transformers
     from transformers import BitsAndBytesConfig, GlmConfig, GlmForCausalLM
 
-    from ptuning_v2.prefix_encoder import PrefixConfig
+    from ptuning_v2.methods.prefix import PrefixConfig
     from ptuning_v2.quantization import prepare_4bit_for_cpu
 
     attach_prefix = _attach_prefix()

@@ -36,3 +36,17 @@ def output_cache(outputs: Any) -> Any:
         if name in getattr(outputs, "__dataclass_fields__", {}):
             return getattr(outputs, name)
     return None
+
+
+def forward_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Fold positional arguments into keywords, so the hook sees ``input_ids`` however it was passed."""
+    if not args:
+        return dict(kwargs)
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    merged: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            merged.update(value)
+        else:
+            merged[name] = value
+    return merged

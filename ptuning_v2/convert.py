@@ -30,13 +30,12 @@ from .chatglm import (
     PREFIX_ENCODER_KEY,
     ChatGLMConversionError,
     chatglm_to_glm_config,
-    find_weight_files,
     parse_size,
     read_chatglm_config,
-    read_weight_keys,
     write_glm_checkpoint,
 )
 from .files import atomic_directory
+from .weights import find_weight_files, read_weight_keys
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PREFIX_SUBDIR = "ptuning_prefix"
@@ -47,8 +46,8 @@ def _weight_keys(src: Path) -> set[str]:
     """Tensor names of a checkpoint without reading tensor data; every weight file's header is opened, so a
     truncated shard is found before anything is written (the error names it)."""
     keys: set[str] = set()
-    for file in find_weight_files(src):
-        keys.update(read_weight_keys(file))
+    for file in find_weight_files(src, error=ChatGLMConversionError):
+        keys.update(read_weight_keys(file, error=ChatGLMConversionError))
     return keys
 
 
@@ -111,8 +110,7 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
 
 def _write_prefix(src: Path, out: Path, chatglm_config: dict) -> str:
     """Official prefix tensors of ``src`` -> our prefix format in ``out``; returns a one-line description."""
-    from .checkpoint import load_prefix_checkpoint, write_prefix_checkpoint
-    from .prefix_encoder import kv_shape_from_config
+    from .methods.prefix import kv_shape_from_config, load_prefix_checkpoint, write_prefix_checkpoint
 
     checkpoint = load_prefix_checkpoint(src)
     kv_shape = kv_shape_from_config(chatglm_to_glm_config(chatglm_config))

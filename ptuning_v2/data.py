@@ -107,7 +107,7 @@ def load_conversations(
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     raw = Path(path).read_bytes()
-    text = _decode_utf8(path, raw)
+    text = decode_utf8(path, raw)
     records, kind = _normalised_records(path, text, config)
     if not records:
         raise ValueError(f"{path}: no examples (the file is empty or holds only blank lines)")
@@ -145,7 +145,7 @@ def _source(dataset: datasets.Dataset) -> dict[str, str]:
         return {}
 
 
-def _decode_utf8(path: str, raw: bytes) -> str:
+def decode_utf8(path: str, raw: bytes) -> str:
     """The file's text; a file that is not UTF-8 is reported with its line and column, and a likely encoding."""
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise ValueError(
@@ -197,7 +197,7 @@ def _module_digest() -> str:
 def _normalised_records(path: str, text: str, config: DataConfig) -> tuple[tuple[dict, ...], str | None]:
     """Every record as ``{"messages": [...]}``, and the format detected from the first one."""
     # A file that starts with "[" is one JSON list of rows, whatever its extension says.
-    parse = _iter_json_array if text.lstrip().startswith("[") else _iter_json_lines
+    parse = iter_json_array if text.lstrip().startswith("[") else iter_json_lines
     kind = None
     records = []
     for location, obj in parse(path, text):
@@ -219,7 +219,7 @@ def _normalised_records(path: str, text: str, config: DataConfig) -> tuple[tuple
     return tuple(records), kind
 
 
-def _iter_json_lines(path: str, text: str) -> Iterator[tuple[str, Any]]:
+def iter_json_lines(path: str, text: str) -> Iterator[tuple[str, Any]]:
     # split("\n"), not splitlines(): U+2028 and friends may legally sit unescaped inside JSON strings.
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -258,7 +258,7 @@ def _check_multiline_object(path: str, text: str, lineno: int) -> None:
     )
 
 
-def _iter_json_array(path: str, text: str) -> Iterator[tuple[str, Any]]:
+def iter_json_array(path: str, text: str) -> Iterator[tuple[str, Any]]:
     """Items of a top-level JSON list, each with the line it starts on (json.loads would lose it)."""
     decoder = json.JSONDecoder()
     pos = _WHITESPACE.match(text, text.index("[") + 1).end()

@@ -11,7 +11,6 @@ this writes (``scripts/evaluate.sh`` runs both); the package's own scores go to 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field, fields
@@ -20,22 +19,7 @@ from typing import Any
 
 import yaml
 
-BOOLEAN_WORDS = {
-    **dict.fromkeys(("true", "1", "yes", "y", "on", "t"), True),
-    **dict.fromkeys(("false", "0", "no", "n", "off", "f"), False),
-}
-
-
-def parse_bool(value: str | bool) -> bool:
-    """A boolean flag's value: true/false, 1/0, yes/no, on/off (any case)."""
-    if isinstance(value, bool):
-        return value
-    try:
-        return BOOLEAN_WORDS[str(value).strip().lower()]
-    except KeyError:
-        raise argparse.ArgumentTypeError(
-            f"expected true or false (also 1/0, yes/no, on/off), got {value!r}"
-        ) from None
+from .spellings import parse_bool
 
 
 @dataclass

@@ -10,19 +10,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from .checkpoint import checkpoint_method
-from .methods import FullFineTuning, load_method
+from .checkpoint import CheckpointRecord
+from .methods import attach_method, load_method, method_spec, read_checkpoint
 from .quantization import prepare_4bit_for_cpu
+from .spellings import canonical_dtype, dtype_choices, parse_quantization
 
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # by canonical_dtype's names
 
 
 def resolve_dtype(torch_dtype: str | torch.dtype | None) -> torch.dtype:
@@ -33,21 +26,20 @@ def resolve_dtype(torch_dtype: str | torch.dtype | None) -> torch.dtype:
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float16 if torch.cuda.is_available() else torch.float32
-    try:
-        return _DTYPES[str(torch_dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown torch_dtype {torch_dtype!r}; use one of {sorted(_DTYPES)}") from None
+    name = canonical_dtype(str(torch_dtype))
+    if name is None:
+        raise ValueError(f"unknown torch_dtype {torch_dtype!r}; use one of {sorted(dtype_choices())}")
+    return _DTYPES[name]
 
 
 def quantization_config(quantization_bit: int | str | None, dtype: torch.dtype) -> BitsAndBytesConfig | None:
     """bitsandbytes settings for a frozen backbone: nf4 for 4-bit, LLM.int8 for 8-bit."""
-    if quantization_bit in (None, "", "none", "None", 16, 32, "16", "32"):
-        return None
-    if str(quantization_bit) == "4":
+    bits = parse_quantization(quantization_bit)
+    if bits == 4:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    if str(quantization_bit) == "8":
+    if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    raise ValueError(f"quantization_bit must be 4, 8 or none, got {quantization_bit!r}")
+    return None
 
 
 def _device_map() -> dict[str, Any]:
@@ -84,7 +76,7 @@ def _is_chatglm(path: str) -> bool:
 
 def load_model(
     model_name_or_path: str,
-    ptuning_checkpoint: str | None = None,
+    ptuning_checkpoint: str | CheckpointRecord | None = None,
     quantization_bit: int | str | None = None,
     torch_dtype: str | torch.dtype | None = None,
     *,
@@ -99,14 +91,17 @@ def load_model(
     replaces the backbone.
     """
     check_model_path(model_name_or_path)
-    method = checkpoint_method(ptuning_checkpoint) if ptuning_checkpoint else None
-    if method == "full":
+    record = ptuning_checkpoint or None
+    if isinstance(record, (str, os.PathLike)):
+        record = read_checkpoint(record)
+    whole_model = record is not None and method_spec(record.method).saves_backbone
+    if whole_model:
         if quantization_config(quantization_bit, torch.float32) is not None:
             raise ValueError(
-                f"{ptuning_checkpoint} is a full fine-tuning checkpoint: load it unquantized (quantization_bit "
+                f"{record.path} is a full fine-tuning checkpoint: load it unquantized (quantization_bit "
                 f"{quantization_bit} would quantize the fine-tuned weights it holds)"
             )
-        model_name_or_path, ptuning_checkpoint = str(ptuning_checkpoint), None
+        model_name_or_path = str(record.path)
     dtype = resolve_dtype(torch_dtype)
     quant = quantization_config(quantization_bit, dtype)
     if _is_chatglm(model_name_or_path):
@@ -121,10 +116,10 @@ def load_model(
         if quant is not None:
             prepare_4bit_for_cpu(model)  # layers bitsandbytes' AVX512-BF16 CPU kernel cannot take
     model.requires_grad_(False)
-    if method == "full":
-        FullFineTuning.attach(model, FullFineTuning.config_class())
-    elif ptuning_checkpoint:
-        load_method(model, ptuning_checkpoint)
+    if whole_model:
+        attach_method(model, record.method)
+    elif record is not None:
+        load_method(model, record)
     model.eval()
     return model
 

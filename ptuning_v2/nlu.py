@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-from .data import IGNORE_INDEX, _decode_utf8, _iter_json_array, _iter_json_lines
+from .data import IGNORE_INDEX, decode_utf8, iter_json_array, iter_json_lines
 from .files import atomic_write_text
 
 TASK_TYPES = ("generation", "seq_cls", "token_cls")
@@ -69,8 +69,8 @@ def _check_row(obj: Any, task_type: str, location: str) -> dict[str, Any]:
 
 def read_rows(path: str, task_type: str) -> list[dict[str, Any]]:
     """Every row of a JSON-lines (or JSON list) file, checked; errors name ``file:line``."""
-    text = _decode_utf8(path, Path(path).read_bytes())
-    parse = _iter_json_array if text.lstrip().startswith("[") else _iter_json_lines
+    text = decode_utf8(path, Path(path).read_bytes())
+    parse = iter_json_array if text.lstrip().startswith("[") else iter_json_lines
     rows = [_check_row(obj, task_type, location) for location, obj in parse(path, text)]
     if not rows:
         raise ValueError(f"{path}: no examples (the file is empty or holds only blank lines)")

@@ -94,14 +94,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .methods.catalog import CATALOG, DEFAULT_METHOD, KV_PREFIX, VIRTUAL_TOKENS, MethodSpec, chosen_method
+from .spellings import SpellingError, canonical_dtype, dtype_choices, parse_bool, parse_quantization
+
 GIB = 1024**3
 MODEL_CONFIGS = Path(__file__).with_name("model_configs")
 
-METHODS = ("ptuning_v2", "prefix_tuning", "ptuning_v1", "prompt_tuning", "lora", "full")
-PREFIX_METHODS = ("ptuning_v2", "prefix_tuning")  # P keys/values per layer, nothing added to the sequence
-VIRTUAL_TOKEN_METHODS = ("ptuning_v1", "prompt_tuning")  # P embeddings in front of the input
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 # bitsandbytes' default nf4 block: one fp32 absmax per 64 weights (loading.py asks for no double quantisation).
 NF4_BLOCKSIZE = 64
 ADAPTER_BYTES = 4  # prefix/prompt encoders and PEFT's LoRA weights are fp32 whatever the backbone
@@ -164,6 +163,10 @@ class ModelShape:
     def kv_size(self) -> int:
         """Values per prefix token: a key and a value per layer (THUDM's ``kv_size``)."""
         return self.num_layers * 2 * self.kv_dim
+
+    def linear_layers(self, target_modules: str) -> list[Linear]:
+        """The linear layers of one decoder layer that ``target_modules`` names (LoRA's ``all-linear`` or names)."""
+        return lora_targets(self, target_modules)
 
     def linears(self) -> list[Linear]:
         h, q, kv, inter = self.hidden_size, self.q_dim, self.kv_dim, self.intermediate_size
@@ -362,39 +365,25 @@ def load_model_config(model: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- settings
 
 
-def parse_bool(value: str | bool) -> bool:
-    """The spellings the training flags take: 1/0, true/false, yes/no, on/off, any case."""
-    if isinstance(value, bool):
-        return value
-    word = str(value).strip().lower()
-    if word in ("1", "true", "yes", "on"):
-        return True
-    if word in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected a boolean (true/false, 1/0, yes/no, on/off), got {value!r}")
-
-
 def normalize_dtype(torch_dtype: str) -> str:
-    name = DTYPE_ALIASES.get(str(torch_dtype).lower(), str(torch_dtype).lower())
-    if name not in DTYPE_BYTES:
-        choices = ", ".join([*DTYPE_BYTES, *DTYPE_ALIASES])
-        raise PlanError(f"--torch_dtype {torch_dtype!r}: use one of {choices}")
+    name = canonical_dtype(torch_dtype)
+    if name is None:
+        raise PlanError(f"--torch_dtype {torch_dtype!r}: use one of {', '.join(dtype_choices())}")
     return name
 
 
 def normalize_quantization(quantization_bit: int | str | None) -> int | None:
-    if quantization_bit in (None, "", "none", "None", 16, 32, "16", "32"):
-        return None
-    if str(quantization_bit) in ("4", "8"):
-        return int(quantization_bit)
-    raise PlanError(f"--quantization_bit {quantization_bit!r}: use 4, 8 or none")
+    try:
+        return parse_quantization(quantization_bit)
+    except SpellingError:
+        raise PlanError(f"--quantization_bit {quantization_bit!r}: use 4, 8 or none") from None
 
 
 @dataclass(frozen=True)
 class PlanSettings:
     """The training settings memory depends on; field names are the training flags'."""
 
-    method: str = "ptuning_v2"
+    method: str = DEFAULT_METHOD
     pre_seq_len: int = 128
     prefix_hidden_size: int | None = None  # prefix_tuning's MLP width; None: the model's hidden size
     prefix_dropout: float = 0.1
@@ -418,8 +407,8 @@ class PlanSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "torch_dtype", normalize_dtype(self.torch_dtype))
         object.__setattr__(self, "quantization_bit", normalize_quantization(self.quantization_bit))
-        if self.method not in METHODS:
-            raise PlanError(f"--method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.method not in CATALOG:
+            raise PlanError(f"--method {self.method!r}: use one of {', '.join(CATALOG)}")
         for name in ("pre_seq_len", "lora_rank", "batch_size", "seq_len", "num_gpus"):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("prefix_hidden_size", "prompt_encoder_hidden_size"):
@@ -438,11 +427,20 @@ class PlanSettings:
             raise PlanError(f"--attn_implementation {self.attn_implementation!r}: use sdpa or eager")
         if self.device not in ("cuda", "cpu"):
             raise PlanError(f"--device {self.device!r}: use cuda or cpu")
-        if self.method == "full" and self.quantization_bit is not None:
+        if self.quantization_bit not in self.spec.quantizations:
             raise PlanError(
-                f"--method full with --quantization_bit {self.quantization_bit}: a 4/8-bit backbone cannot be "
+                f"--method {self.method} with --quantization_bit {self.quantization_bit}: a 4/8-bit backbone cannot be "
                 "fine-tuned (bitsandbytes weights take no optimizer step)"
             )
+
+    @property
+    def spec(self) -> MethodSpec:
+        return CATALOG[self.method]
+
+    @property
+    def adapts_weights(self) -> bool:
+        """Adapters beside the frozen weights (they change what the backbone computes, not the backbone)."""
+        return not self.spec.shares_backbone and not self.spec.saves_backbone
 
     @property
     def compute_bytes(self) -> int:
@@ -451,12 +449,12 @@ class PlanSettings:
     @property
     def prefix_len(self) -> int:
         """Keys/values a prefix adds to every layer's attention."""
-        return self.pre_seq_len if self.method in PREFIX_METHODS else 0
+        return self.pre_seq_len if self.spec.kind == KV_PREFIX else 0
 
     @property
     def layer_seq_len(self) -> int:
         """Positions every layer (and the loss) runs over: virtual tokens are part of the sequence."""
-        return self.seq_len + (self.pre_seq_len if self.method in VIRTUAL_TOKEN_METHODS else 0)
+        return self.seq_len + (self.pre_seq_len if self.spec.kind == VIRTUAL_TOKENS else 0)
 
 
 # Settings whose training flag is spelled differently.
@@ -503,38 +501,9 @@ def lora_targets(shape: ModelShape, target_modules: str) -> list[Linear]:
     return list(chosen.values())
 
 
-def _lstm_parameters(input_size: int, hidden: int) -> int:
-    """A 2-layer bidirectional nn.LSTM: per layer and direction 4 gates of (input + hidden) weights, 2 biases."""
-    first = 2 * (4 * hidden * (input_size + hidden) + 8 * hidden)
-    second = 2 * (4 * hidden * (2 * hidden + hidden) + 8 * hidden)
-    return first + second
-
-
 def trainable_parameters(shape: ModelShape, settings: PlanSettings) -> int:
-    """What the optimizer updates, counted as ``ptuning_v2.methods`` builds it."""
-    method, p, h = settings.method, settings.pre_seq_len, shape.hidden_size
-    if method == "ptuning_v2":
-        return p * shape.kv_size  # Embedding(pre_seq_len, kv_size)
-    if method == "prefix_tuning":
-        width = settings.prefix_hidden_size or h
-        # Embedding(P, kv_size) -> Linear(kv_size, width) -> Tanh -> Linear(width, kv_size)
-        return p * shape.kv_size + (shape.kv_size * width + width) + (width * shape.kv_size + shape.kv_size)
-    if method == "prompt_tuning":
-        return p * h  # Embedding(P, hidden_size)
-    if method == "ptuning_v1":
-        width = settings.prompt_encoder_hidden_size or h
-        if settings.prompt_encoder_type == "lstm":
-            encoder, mlp_in = _lstm_parameters(h, width // 2), 2 * (width // 2)
-        else:
-            encoder, mlp_in = 0, h
-        return p * h + encoder + (mlp_in * width + width) + (width * h + h)
-    if method == "lora":
-        per_layer = sum(
-            settings.lora_rank * (lin.in_features + lin.out_features)
-            for lin in lora_targets(shape, settings.lora_target_modules)
-        )
-        return shape.num_layers * per_layer
-    return shape.total_parameters  # full
+    """What the optimizer updates, counted as ``ptuning_v2.methods`` builds it (each method's catalog formula)."""
+    return settings.spec.trainable(shape, settings)
 
 
 # ---------------------------------------------------------------------------------------------------- weights
@@ -612,15 +581,15 @@ def layer_activation_bytes(shape: ModelShape, settings: PlanSettings, first: boo
     d = _dims(settings)
     b, t, h = settings.compute_bytes, d.tokens, shape.hidden_size
     heads, hd = shape.num_heads, shape.head_dim
-    method = settings.method
+    spec = settings.spec
     # The prefix and LoRA leave the embeddings frozen, so the first layer's input needs no gradient: its first
     # norm saves nothing, and with a prefix neither does its RoPE (the queries need no gradient there).
-    input_frozen = first and method in (*PREFIX_METHODS, "lora")
+    input_frozen = first and (spec.kind == KV_PREFIX or settings.adapts_weights)
     norms = shape.norms_per_layer - (1 if input_frozen else 0)
     saved = norms * (t * h * 4 + t * 4)  # fp32 input + rsqrt per norm
-    if shape.rope_per_layer and not (first and method in PREFIX_METHODS):
+    if shape.rope_per_layer and not (first and spec.kind == KV_PREFIX):
         # position_ids are per row when a method passes them (prefix, virtual tokens), one row otherwise.
-        rows = d.batch if method in (*PREFIX_METHODS, *VIRTUAL_TOKEN_METHODS) else 1
+        rows = d.batch if spec.prompt_length else 1
         saved += 2 * rows * d.seq * shape.rotary_dim * b
     if settings.attn_implementation == "eager":
         probs = d.batch * heads * d.seq * d.kv
@@ -634,9 +603,9 @@ def layer_activation_bytes(shape: ModelShape, settings: PlanSettings, first: boo
             saved += d.batch * d.seq * d.kv * b
     inter = shape.intermediate_size
     saved += (3 if shape.gated_mlp else 1) * t * inter * b
-    if method == "lora":
+    if settings.adapts_weights:
         saved += _lora_layer_saved(shape, settings, t)
-    if method == "full":
+    if spec.saves_backbone:
         # Each norm's normalised output (its weight trains) and every linear layer's input.
         saved += shape.norms_per_layer * t * h * b
         saved += sum(
@@ -663,21 +632,15 @@ def activation_bytes(shape: ModelShape, settings: PlanSettings) -> Activations:
     b, t, h, p = settings.compute_bytes, d.tokens, shape.hidden_size, settings.pre_seq_len
     one_layer = layer_activation_bytes(shape, settings)
     outside = t * h * 4 + t * 4 + t * shape.vocab_size * 4  # final norm, fp32 log-softmax of the loss
-    if settings.method == "full":
+    if settings.spec.saves_backbone:
         outside += t * h * b + t * 8  # final norm's output, the embedding's indices
-    if settings.method in PREFIX_METHODS:
-        if settings.prefix_dropout > 0:
-            outside += d.batch * p * shape.kv_size * (1 if settings.device == "cuda" else ADAPTER_BYTES)
-        if settings.method == "prefix_tuning":
-            width = settings.prefix_hidden_size or h
-            outside += p * (shape.kv_size + width) * ADAPTER_BYTES  # the MLP's input and tanh output, once
-    if settings.method == "ptuning_v1":
-        width = settings.prompt_encoder_hidden_size or h
-        outside += p * (h + 12 * width) * ADAPTER_BYTES  # the prompt encoder's gates and MLP, roughly, once
+    if settings.spec.kind == KV_PREFIX and settings.prefix_dropout > 0:
+        outside += d.batch * p * shape.kv_size * (1 if settings.device == "cuda" else ADAPTER_BYTES)
+    outside += settings.spec.encoder_activations(shape, settings) * ADAPTER_BYTES  # its encoder's, once
     if settings.gradient_checkpointing:
         # Each checkpointed layer keeps its input; the prefix in the compute dtype stays alive in the cache.
         layers = shape.num_layers * t * h * b
-        if settings.method in PREFIX_METHODS:
+        if settings.spec.kind == KV_PREFIX:
             layers += d.batch * p * shape.kv_size * b
     else:
         first = layer_activation_bytes(shape, settings, first=True)
@@ -730,7 +693,7 @@ class TrainableState:
 
 def trainable_state_bytes(trainable: int, settings: PlanSettings) -> TrainableState:
     n, gpus, stage = trainable, settings.num_gpus, settings.zero_stage
-    param_bytes = settings.compute_bytes if settings.method == "full" else ADAPTER_BYTES
+    param_bytes = settings.compute_bytes if settings.spec.saves_backbone else ADAPTER_BYTES
     master = 4 if (param_bytes < 4 or stage >= 1) else 0  # ZeRO always keeps an fp32 partition
     parameters = n * param_bytes // (gpus if stage >= 3 else 1)
     gradients = n * param_bytes // (gpus if stage >= 2 else 1)
@@ -808,8 +771,8 @@ class MemoryPlan:
     def describe(self) -> str:
         s, shape = self.settings, self.shape
         quant = {None: s.torch_dtype, 4: f"int4 (nf4) + {s.torch_dtype}", 8: f"int8 + {s.torch_dtype}"}
-        method = s.method + (f" (pre_seq_len {s.pre_seq_len})" if s.method not in ("lora", "full") else "")
-        if s.method == "lora":
+        method = s.method + (f" (pre_seq_len {s.pre_seq_len})" if s.spec.prompt_length else "")
+        if s.adapts_weights:
             method += f" (rank {s.lora_rank}, {s.lora_target_modules})"
         zero = f"ZeRO-{s.zero_stage}" if s.zero_stage else "no ZeRO"
         share = self.trainable_parameters / self.total_parameters * 100
@@ -858,7 +821,7 @@ def plan_memory(
     trainable = trainable_parameters(shape, settings)
     total = shape.total_parameters
 
-    frozen = 0 if settings.method == "full" else weight_bytes(shape, settings)
+    frozen = 0 if settings.spec.saves_backbone else weight_bytes(shape, settings)
     if settings.zero_stage == 3 and settings.quantization_bit is None:
         frozen //= settings.num_gpus
     host = 0
@@ -890,11 +853,11 @@ def plan_memory(
     trainable_bytes, activations, workspace = moments[phase]
 
     notes = []
-    if settings.method in PREFIX_METHODS:
+    if settings.spec.kind == KV_PREFIX:
         notes.append(
             f"prefix: {settings.pre_seq_len} x {shape.kv_size} = {trainable:,} values "
             f"({shape.num_layers} layers x 2 x {shape.num_kv_heads} kv heads x {shape.head_dim})"
-            if settings.method == "ptuning_v2"
+            if trainable == settings.pre_seq_len * shape.kv_size  # a plain table, no MLP
             else f"prefix MLP width {settings.prefix_hidden_size or shape.hidden_size}"
         )
     if shape.model_type == "chatglm" and not shape.gated_mlp:
@@ -1005,9 +968,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"{shipped}, a config.json, or a model directory",
     )
     add("--config", help="the trainer's settings file (YAML/JSON); flags given beside it win")
-    add("--method", help=", ".join(METHODS))
+    add("--method", help=", ".join(CATALOG))
     add("--pre_seq_len", type=int, help="prefix / virtual tokens (default 128)")
-    add("--prefix_projection", type=_bool_arg, help="true: the prefix_tuning MLP (as --method prefix_tuning)")
+    add(
+        "--prefix_projection", type=parse_bool, help="true: the prefix_tuning MLP (as --method prefix_tuning)"
+    )
     add("--prefix_hidden_size", type=int, help="prefix_tuning MLP width (default: hidden size)")
     add("--prefix_dropout", type=float)
     add("--prompt_encoder_type", help="ptuning_v1: lstm (default) or mlp")
@@ -1021,7 +986,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seq_len", type=int, help="tokens per example (default: the two lengths below)")
     add("--max_source_length", type=int, help="seq_len = max_source_length + max_target_length + 1 (eos)")
     add("--max_target_length", type=int)
-    add("--gradient_checkpointing", nargs="?", const=True, type=_bool_arg)
+    add("--gradient_checkpointing", nargs="?", const=True, type=parse_bool)
     add("--attn_implementation", help="sdpa (default) or eager")
     add("--deepspeed", help="DeepSpeed config JSON: ZeRO stage and offloads")
     add("--zero_stage", type=int, help="0-3 (default: from --deepspeed, else 0)")
@@ -1036,13 +1001,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept (and ignore) other training flags, so the training command's arguments can be passed whole",
     )
     return parser
-
-
-def _bool_arg(value: str) -> bool:
-    try:
-        return parse_bool(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # Keys of the trainer's settings file and the destinations they fill (the file's other keys do not matter here).
@@ -1126,8 +1084,9 @@ def settings_from_args(args: argparse.Namespace) -> PlanSettings:
             )
         values["zero_stage"] = args.zero_stage
     method = args.method
-    if args.prefix_projection and method in (None, "ptuning_v2"):
-        method = "prefix_tuning"  # the trainer's ptuning_v2 with the projection switched on
+    if args.prefix_projection and method in (None, *CATALOG):
+        # As the trainer: the prefix with its projection switched on is Prefix-Tuning.
+        method = chosen_method(method or DEFAULT_METHOD, {"prefix_projection": True})
     given = {
         "method": method,
         "pre_seq_len": args.pre_seq_len,

@@ -40,10 +40,9 @@ import torch
 import transformers
 from transformers import set_seed
 
-from .checkpoint import checkpoint_method
 from .files import atomic_write_text
 from .loading import load_model, load_tokenizer
-from .methods import attach_method, count_parameters, tuning_of
+from .methods import attach_method, count_parameters, read_checkpoint, tuning_of
 from .training.output import OutputPlan, rotate_run_checkpoints, start_run
 from .training.scoring import (
     conversations,
@@ -94,7 +93,8 @@ def build_model(settings: RunSettings, **model_kwargs: Any) -> torch.nn.Module:
     ``model_kwargs`` go to ``load_model`` (an NLU head: ``model_class``, ``num_labels``, ...)."""
     model_args = settings.model
     if model_args.ptuning_checkpoint:
-        found = checkpoint_method(model_args.ptuning_checkpoint)
+        record = read_checkpoint(model_args.ptuning_checkpoint)
+        found = record.method
         if found != model_args.method:
             raise SettingsError(
                 f"--ptuning_checkpoint {model_args.ptuning_checkpoint} is a {found} checkpoint, but --method is "
@@ -102,7 +102,7 @@ def build_model(settings: RunSettings, **model_kwargs: Any) -> torch.nn.Module:
             )
         model = load_model(
             model_args.model_name_or_path,
-            model_args.ptuning_checkpoint,
+            record,
             quantization_bit=model_args.quantization_bit,
             torch_dtype=model_args.torch_dtype,
             **model_kwargs,
@@ -114,7 +114,9 @@ def build_model(settings: RunSettings, **model_kwargs: Any) -> torch.nn.Module:
             torch_dtype=model_args.torch_dtype,
             **model_kwargs,
         )
-        attach_method(model, model_args.method, settings.method_config())
+        # The tokenizer: for a method that starts from a text's embeddings (Prompt Tuning's prompt_init text).
+        tokenizer = load_tokenizer(model_args.model_name_or_path)
+        attach_method(model, model_args.method, settings.method_config(), tokenizer=tokenizer)
     model.train()
     return model
 

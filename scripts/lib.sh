@@ -64,14 +64,14 @@ check_number() {
     || fail "$name must be $rule, got '$value'"
 }
 
+# boolean VALUE: prints true or false for the spellings Python takes (ptuning_v2/spellings.py); fails otherwise.
+boolean() { python -m ptuning_v2.spellings bool "$1"; }
+
 # check_bool NAME: true/false, 1/0, yes/no, on/off in any case; rewritten to true or false.
 check_bool() {
-  local name=$1 value=${!1}
-  case "${value,,}" in
-    1 | true | yes | on | y | t) printf -v "$name" true ;;
-    0 | false | no | off | n | f) printf -v "$name" false ;;
-    *) fail "$name must be true or false (also 1/0, yes/no, on/off), got '$value'" ;;
-  esac
+  local name=$1 value=${!1} word
+  word=$(boolean "$value") || fail "$name must be true or false (also 1/0, yes/no, on/off), got '$value'"
+  printf -v "$name" '%s' "$word"
 }
 
 # check_choice NAME CHOICE...: one of the choices (case-insensitive; rewritten to the choice's spelling).

@@ -3,7 +3,7 @@
 # ptuning_v2.train. The settings come from CONFIG (default scripts/configs/main_job.yaml); a key overrides one.
 #   bash scripts/train_pt2.sh                         # the main job: tiny GLM on bundled NER, before/after table
 #   bash scripts/train_pt2.sh PRE_SEQ_LEN=128 LR=2e-2 MODEL=/models/chatglm3-6b QUANTIZATION_BIT=4 ...
-#   bash scripts/train_pt2.sh METHOD=lora             # ptuning_v2 prefix_tuning ptuning_v1 prompt_tuning lora full
+#   bash scripts/train_pt2.sh METHOD=lora             # any name of python -m ptuning_v2.methods
 #   bash scripts/train_pt2.sh TASK_TYPE=token_cls     # an NLU head (seq_cls: sentiment, token_cls: NER BIO tags)
 #   bash scripts/train_pt2.sh TRAIN_FILE=data/ner/train.json,data/sentiment/train.json   # one prefix, a task mix
 #   NUM_GPUS=2 DS_CONFIG=ds_configs/zero2.json bash scripts/train_pt2.sh ...   (KEY=VALUE may also come from the env)
@@ -47,7 +47,8 @@ done
 for key in PREFIX_PROJECTION COMPARE_WITH_BASE OVERWRITE; do
   is_set "$key" && check_bool "$key"
 done
-is_set METHOD && check_choice METHOD ptuning_v2 prefix_tuning ptuning_v1 prompt_tuning lora full
+# shellcheck disable=SC2046 # the catalog's names, one word each
+is_set METHOD && check_choice METHOD $(python -m ptuning_v2.methods)
 is_set QUANTIZATION_BIT && check_choice QUANTIZATION_BIT none 4 8
 is_set PROMPT_ENCODER_TYPE && check_choice PROMPT_ENCODER_TYPE lstm mlp
 is_set PROMPT_INIT && check_choice PROMPT_INIT random vocab text
@@ -73,9 +74,15 @@ check_file DS_CONFIG optional
 check_file HOSTFILE optional
 is_set PTUNING_CHECKPOINT && { [[ -e "$PTUNING_CHECKPOINT" ]] || fail "PTUNING_CHECKPOINT=$PTUNING_CHECKPOINT: no such checkpoint"; }
 case "${RESUME,,}" in
-  "" | 0 | false | no | off | n | f | none) RESUME= ;;
-  1 | true | yes | on | y | t | latest) RESUME=true ;;
-  *) [[ -d "$RESUME" ]] || fail "RESUME=$RESUME: no such checkpoint directory (RESUME=true resumes the latest in OUTPUT_DIR)" ;;
+  "" | none) RESUME= ;;
+  latest) RESUME=true ;;
+  *)
+    if word=$(boolean "$RESUME"); then
+      [[ $word == true ]] && RESUME=true || RESUME=
+    else
+      [[ -d "$RESUME" ]] || fail "RESUME=$RESUME: no such checkpoint directory (RESUME=true resumes the latest in OUTPUT_DIR)"
+    fi
+    ;;
 esac
 
 ARGS=(--config "$CONFIG")

@@ -18,8 +18,8 @@ from transformers import Trainer
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ptuning_v2.attach import ReadOnlyPrefixLayer
 from ptuning_v2.compat import CACHE_NAMES, cache_argument, output_cache
+from ptuning_v2.methods.prefix.hook import ReadOnlyPrefixLayer
 
 
 def _parameters(function) -> list[str]:

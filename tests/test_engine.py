@@ -13,7 +13,7 @@ from serving_fixtures import TEXTS, build_serving_fixture, user
 from ptuning_v2 import load_model, load_tokenizer
 from ptuning_v2.generation import GenerationSettings, generate_kwargs
 from ptuning_v2.serving import Engine, SamplingParams, default_prefixes, parse_prefixes
-from ptuning_v2.serving.engine import _safe_end
+from ptuning_v2.serving.sampling import safe_end
 
 GREEDY = SamplingParams(max_new_tokens=16)
 PREFIXES = (None, "long", "short", "peft")
@@ -177,11 +177,11 @@ def test_checkpoint_for_another_backbone_fails_at_load(paths, tmp_path):
 
 
 def test_held_back_text():
-    assert _safe_end("北京\ufffd", []) == 2  # half a character
-    assert _safe_end("北京 \n", []) == 2  # trailing whitespace may end the answer
-    assert _safe_end("北京<|", ["<|end|>"]) == 2  # may be the start of a stop string
-    assert _safe_end("北京<", ["<|end|>", "x"]) == 2
-    assert _safe_end("北京", ["<|end|>"]) == 2
+    assert safe_end("北京\ufffd", []) == 2  # half a character
+    assert safe_end("北京 \n", []) == 2  # trailing whitespace may end the answer
+    assert safe_end("北京<|", ["<|end|>"]) == 2  # may be the start of a stop string
+    assert safe_end("北京<", ["<|end|>", "x"]) == 2
+    assert safe_end("北京", ["<|end|>"]) == 2
 
 
 def test_streams_whole_characters_on_the_embedded_model():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ptuning_v2.chatglm import ChatGLMConversionError, find_weight_files, read_weight_file, read_weight_keys
+from ptuning_v2.chatglm import ChatGLMConversionError
 from ptuning_v2.files import (
     atomic_directory,
     atomic_open,
@@ -19,6 +19,7 @@ from ptuning_v2.files import (
     read_json_object,
     swap_directory,
 )
+from ptuning_v2.weights import WeightFileError, find_weight_files, read_weight_file, read_weight_keys
 
 
 def _leftovers(directory: Path) -> list[str]:
@@ -323,12 +324,10 @@ def test_an_error_in_select_is_not_blamed_on_the_file(tmp_path, fmt):
 def test_read_weight_file_refuses_what_is_not_a_state_dict_of_tensors(tmp_path):
     file = tmp_path / "pytorch_model.bin"
     torch.save([torch.ones(1)], file)
-    with pytest.raises(ChatGLMConversionError, match="holds a list, not a state dict"):
+    with pytest.raises(WeightFileError, match="holds a list, not a state dict"):
         read_weight_file(file)
     torch.save({PREFIX + "embedding.weight": 3, "other": "fine, not selected"}, file)
-    with pytest.raises(
-        ChatGLMConversionError, match=r"'transformer.prefix_encoder.embedding.weight' is a int"
-    ):
+    with pytest.raises(WeightFileError, match=r"'transformer.prefix_encoder.embedding.weight' is a int"):
         read_weight_file(file, lambda k: k.startswith(PREFIX))
 
 
@@ -346,15 +345,15 @@ def test_find_weight_files_with_an_index(tmp_path):
     assert find_weight_files(tmp_path, lambda k: k.startswith(PREFIX)) == shards[1:]
     assert find_weight_files(tmp_path, lambda k: False) == []
     shards[0].unlink()
-    with pytest.raises(ChatGLMConversionError) as info:
+    with pytest.raises(WeightFileError) as info:
         find_weight_files(tmp_path)
     assert str(index) in str(info.value) and "model-00001-of-00002.safetensors" in str(info.value)
     index.write_text(json.dumps({"weight_map": ["not", "an", "object"]}))
-    with pytest.raises(ChatGLMConversionError, match="'weight_map' must be an object"):
+    with pytest.raises(WeightFileError, match="'weight_map' must be an object"):
         find_weight_files(tmp_path)
 
 
 def test_find_weight_files_without_weights(tmp_path):
     assert find_weight_files(tmp_path, required=False) == []
-    with pytest.raises(ChatGLMConversionError, match="no weights found"):
+    with pytest.raises(WeightFileError, match="no weights found"):
         find_weight_files(tmp_path)

@@ -20,6 +20,7 @@ from ptuning_v2 import count_parameters, load_model, load_tokenizer
 from ptuning_v2.data import generation_prompt_ids
 from ptuning_v2.generation import GenerationSettings, generate_texts
 from ptuning_v2.methods import METHODS, attach_method, method_config
+from ptuning_v2.plan import PlanSettings, model_shape, trainable_parameters
 from ptuning_v2.serving import Engine, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,9 +201,11 @@ def test_trainable_parameters_match_their_formula(workdir, method):
         "lora": _linear_lora(model, 8),
         "full": sum(p.numel() for p in model.parameters()),
     }[method]
+    planned = trainable_parameters(model_shape(model.config), PlanSettings(method=method, pre_seq_len=P))
     attach_method(model, method, method_config(method, {"pre_seq_len": P}))
     trainable, _ = count_parameters(model)
     assert trainable == expected
+    assert planned == expected  # the planner's formula (the method's catalog entry) counts what is built
     assert {id(p) for p in model.tuning.trainable_parameters()} == {
         id(p) for p in model.parameters() if p.requires_grad
     }

@@ -121,8 +121,10 @@ def test_trainable_parameters_by_hand(kwargs, expected):
 def test_ptuning_v1_lstm_encoder_counts_like_torch():
     from torch import nn
 
+    from ptuning_v2.methods.catalog import lstm_parameters
+
     lstm = nn.LSTM(64, 32, num_layers=2, bidirectional=True, batch_first=True)
-    assert P._lstm_parameters(64, 32) == sum(p.numel() for p in lstm.parameters())
+    assert lstm_parameters(64, 32) == sum(p.numel() for p in lstm.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------- weights

@@ -22,7 +22,7 @@ import bitsandbytes.nn.modules as bnb_modules  # noqa: E402
 
 from ptuning_v2 import load_model  # noqa: E402
 from ptuning_v2.methods import attach_prefix  # noqa: E402
-from ptuning_v2.prefix_encoder import PrefixConfig  # noqa: E402
+from ptuning_v2.methods.prefix import PrefixConfig  # noqa: E402
 from ptuning_v2.quantization import prepare_4bit_for_cpu  # noqa: E402
 
 CPU_PATHS = ["packed", "generic"]

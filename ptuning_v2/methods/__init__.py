@@ -1,45 +1,34 @@
-"""The tuning methods, one module each, behind one switch (``--method`` / ``METHOD=``).
+"""The tuning methods, one module each, behind one switch (``--method`` / ``METHOD=``); ``catalog.py`` lists them.
 
-    ptuning_v2     deep prompts: a key/value table per layer                     (prefix.py)
-    prefix_tuning  deep prompts through a 2-layer MLP                            (prefix.py)
-    ptuning_v1     virtual tokens at the input from an LSTM/MLP prompt encoder   (ptuning_v1.py)
-    prompt_tuning  virtual tokens at the input, a plain table                   (prompt_tuning.py)
-    lora           low-rank updates of the linear layers, through PEFT           (lora.py)
-    full           every parameter trains                                        (full.py)
+What each method is and allows is its entry in ``catalog.py`` (torch-free). This module turns a name into the
+method: its handle class and config, attached to a model or loaded from a checkpoint. It imports a method's
+module only when that method is used, so ``ptuning_v2.methods`` and its catalog load without torch.
 
 Adding a method: a module with a config dataclass (fields = its training flags) and a ``TuningMethod`` subclass
-(``attach``, ``state_dict``, ``load_state_dict``; ``bare``/``kv_table``/``save`` where the defaults don't fit),
-and one line in ``METHODS`` below.
+(``attach``, ``state_dict``, ``load_state_dict``; ``bare``/``kv_table``/``save``/``from_checkpoint`` where the
+defaults don't fit), and one entry in ``catalog.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import MISSING, fields
+from importlib import import_module
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 
-from torch import nn
+from .catalog import CATALOG, MethodSpec, method_spec
 
-from ..checkpoint import PREFIX_METHODS, checkpoint_method, read_tuning_checkpoint
-from .base import TuningMethod, config_from_settings, count_parameters, trainable_head, tuning_of
-from .full import FullFineTuning
-from .lora import Lora
-from .prefix import PrefixMethod, attach_prefix, bake_prefix, export_peft_adapter, load_prefix
-from .prompt_tuning import PromptTuning
-from .ptuning_v1 import PTuningV1
+if TYPE_CHECKING:
+    from torch import nn
 
-METHODS: dict[str, type[TuningMethod]] = {
-    "ptuning_v2": PrefixMethod,
-    "prefix_tuning": PrefixMethod,
-    "ptuning_v1": PTuningV1,
-    "prompt_tuning": PromptTuning,
-    "lora": Lora,
-    "full": FullFineTuning,
-}
+    from ..checkpoint import CheckpointRecord
+    from .base import TuningMethod
+
+METHODS: dict[str, MethodSpec] = CATALOG  # name -> its catalog entry
 
 __all__ = [
     "METHODS",
-    "TuningMethod",
+    "MethodSpec",
     "attach_method",
     "attach_prefix",
     "bake_prefix",
@@ -47,34 +36,55 @@ __all__ = [
     "count_parameters",
     "export_peft_adapter",
     "load_method",
+    "load_prefix",
     "method_class",
     "method_config",
     "method_settings",
+    "method_spec",
+    "read_checkpoint",
     "trainable_head",
     "tuning_of",
 ]
 
+# Names that live in a method's own module or in base.py, loaded on first use.
+_EXPORTS = {
+    "TuningMethod": "base",
+    "count_parameters": "base",
+    "trainable_head": "base",
+    "tuning_of": "base",
+    "attach_prefix": "prefix",
+    "bake_prefix": "prefix",
+    "export_peft_adapter": "prefix",
+    "load_prefix": "prefix",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+
 
 def method_class(name: str) -> type[TuningMethod]:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[name]
+    spec = method_spec(name)
+    return getattr(import_module(f".{spec.module}", __name__), spec.handle)
 
 
 def method_config(name: str, settings: dict[str, Any]) -> Any:
     """The config of method ``name`` from the training settings (a mapping holding at least its fields)."""
-    cls = method_class(name)
-    if cls is PrefixMethod:
-        return PrefixMethod.settings_config(name, settings)
-    return config_from_settings(cls.config_class, settings)
+    config_class = method_class(name).config_class
+    known = {f.name for f in fields(config_class)}
+    given = {k: v for k, v in {**settings, **method_spec(name).implies}.items() if k in known}
+    return config_class(**given)
 
 
 def method_settings() -> dict[str, Any]:
     """Every method's config fields with their defaults: the method flags of ``ptuning_v2.train``."""
     settings: dict[str, Any] = {}
-    for cls in METHODS.values():
-        hints = get_type_hints(cls.config_class)  # resolved: the parser needs real types, not strings
-        for f in fields(cls.config_class):
+    for name in CATALOG:
+        config_class = method_class(name).config_class
+        hints = get_type_hints(config_class)  # resolved: the parser needs real types, not strings
+        for f in fields(config_class):
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
             if f.name in settings and settings[f.name][1] != default:
                 raise TypeError(
@@ -84,39 +94,42 @@ def method_settings() -> dict[str, Any]:
     return settings
 
 
-def attach_method(model: nn.Module, name: str, config: Any = None) -> TuningMethod:
-    """Attach method ``name`` (with ``config``, or its defaults) to ``model``; returns ``model.tuning``."""
+def attach_method(model: nn.Module, name: str, config: Any = None, tokenizer: Any = None) -> TuningMethod:
+    """Attach method ``name`` (with ``config``, or its defaults) to ``model``; returns ``model.tuning``.
+
+    ``tokenizer``: the model's, for methods that start from the embeddings of a text (``prompt_init text``)."""
     cls = method_class(name)
     if config is None:
         config = method_config(name, {})
-    return cls.attach(model, config)
+    return cls.attach(model, config, tokenizer=tokenizer)
 
 
-def load_method(model: nn.Module, path: str | Path) -> TuningMethod:
+def read_checkpoint(path: str | Path) -> CheckpointRecord:
+    """The checkpoint at ``path`` (any method, any format it comes in), read once: method, config, tensors.
+
+    Every method's module is loaded first, since each registers the formats it reads."""
+    from ..checkpoint import read_registered  # here: torch loads only once a checkpoint is read
+
+    for spec in CATALOG.values():
+        import_module(f".{spec.module}", __name__)
+    record = read_registered(path)
+    method_spec(record.method)  # an unknown method is named with the choices
+    return record
+
+
+def checkpoint_method(path: str | Path) -> str:
+    """Which method wrote the checkpoint at ``path``."""
+    return read_checkpoint(path).method
+
+
+def load_method(model: nn.Module, checkpoint: CheckpointRecord | str | Path) -> TuningMethod:
     """Attach the method a checkpoint records and load its tensors; a checkpoint that does not fit is named.
 
     Full fine-tuning checkpoints are whole models: load them as the backbone (``load_model`` does).
     """
-    method = checkpoint_method(path)
-    if method in PREFIX_METHODS:
-        load_prefix(model, path)
-        return model.tuning
-    cls = method_class(method)
-    if cls.saves_backbone:
-        raise ValueError(f"{path} is a {method} checkpoint, a whole model: load it as the model itself")
-    directory = Path(path)
-    if method == "lora" and not (directory / "tuning_config.json").is_file():
-        from .lora import read_peft_lora  # an adapter saved by PEFT itself
-
-        peft_config, state = read_peft_lora(directory)
-        handle = Lora.attach(model, method_config("lora", {}), peft_config=peft_config)
-        handle.load_state_dict(state, str(directory))
-        return handle
-    checkpoint = read_tuning_checkpoint(directory)
-    try:
-        config = method_config(method, checkpoint.meta)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{directory / 'tuning_config.json'}: {err}") from err
-    handle = cls.attach(model, config)
-    handle.load_state_dict(checkpoint.state_dict, str(directory))
-    return handle
+    record = checkpoint if not isinstance(checkpoint, (str, Path)) else read_checkpoint(checkpoint)
+    if method_spec(record.method).saves_backbone:
+        raise ValueError(
+            f"{record.path} is a {record.method} checkpoint, a whole model: load it as the model itself"
+        )
+    return method_class(record.method).from_checkpoint(model, record)

@@ -8,7 +8,11 @@ trainer, the loaders, evaluation and the chat front ends talk only to it:
 - ``save(directory)``: the checkpoint (``tuning_config.json`` with a ``"method"`` field, plus the tensors);
 - ``bare()``: a context in which the model runs as the backbone alone (before/after comparisons);
 - ``kv_table()``: for methods whose effect at inference is a key/value prefix, the per-layer table the serving
-  engine batches across checkpoints (None for the others).
+  engine batches across checkpoints (None for the others); ``checkpoint_table(backbone, record)`` computes the same
+  from a checkpoint without attaching anything;
+- ``from_checkpoint(model, record)``: attach the method a checkpoint record holds, with its tensors.
+
+What a method is and allows (kind, default learning rate, quantizations, ...) is its entry in ``catalog.py``.
 
 The model object stays what it was (a ``GlmForCausalLM``, ...), so ``forward``, ``generate``, the Trainer and
 DeepSpeed see an ordinary transformers model.
@@ -25,7 +29,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..checkpoint import HEAD_KEY, write_tuning_checkpoint
+from ..checkpoint import (
+    HEAD_KEY,
+    TUNING_CONFIG,
+    TUNING_WEIGHTS,
+    CheckpointFormat,
+    CheckpointRecord,
+    read_tuning_checkpoint,
+    register_format,
+    write_tuning_checkpoint,
+)
+from .catalog import CATALOG
 
 # Task heads of the NLU classes (``...ForSequenceClassification``/``...ForTokenClassification``): randomly
 # initialised, so they train, and are saved, with the method.
@@ -87,10 +101,6 @@ class TuningMethod:
 
     name: ClassVar[str]
     config_class: ClassVar[type]
-    # Full fine-tuning saves the whole model; every other method only what it trains.
-    saves_backbone: ClassVar[bool] = False
-    # Refused with a 4/8-bit backbone (full fine-tuning cannot update bitsandbytes weights).
-    quantized_backbone_ok: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, config: Any) -> None:
         self.model = model
@@ -100,8 +110,10 @@ class TuningMethod:
     # -- what subclasses provide
 
     @classmethod
-    def attach(cls, model: nn.Module, config: Any) -> TuningMethod:
-        """Freeze what the method does not train, add what it trains, set ``model.tuning``; return the handle."""
+    def attach(cls, model: nn.Module, config: Any, tokenizer: Any = None) -> TuningMethod:
+        """Freeze what the method does not train, add what it trains, set ``model.tuning``; return the handle.
+
+        ``tokenizer``: the model's, for a method that needs it to start (Prompt Tuning from a text)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -117,10 +129,39 @@ class TuningMethod:
         inference; None otherwise."""
         return None
 
+    @classmethod
+    def checkpoint_table(
+        cls, backbone: nn.Module, record: CheckpointRecord
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``kv_table()`` of a checkpoint on ``backbone``, without attaching it (methods that share a backbone)."""
+        raise NotImplementedError(f"{cls.name} checkpoints change the backbone's weights; they have no table")
+
     # -- shared
+
+    @classmethod
+    def config_of(cls, record: CheckpointRecord) -> Any:
+        """The method's config as a checkpoint records it; a bad field names the config file."""
+        if isinstance(record.config, cls.config_class):
+            return record.config
+        try:
+            return config_from_settings(cls.config_class, record.meta)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{record.path / TUNING_CONFIG}: {err}") from err
+
+    @classmethod
+    def from_checkpoint(cls, model: nn.Module, record: CheckpointRecord) -> TuningMethod:
+        """Attach the method with the checkpoint's config and load its tensors (a mismatch names the file)."""
+        handle = cls.attach(model, cls.config_of(record))
+        handle.load_state_dict(record.state_dict, str(record.path))
+        return handle
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def saves_backbone(self) -> bool:
+        """Whether its checkpoint is the whole model (see the catalog)."""
+        return CATALOG[self.name].saves_backbone
 
     def config_json(self) -> dict[str, Any]:
         return {
@@ -175,3 +216,20 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+def _holds_weights(method: str) -> bool:
+    spec = CATALOG.get(method)
+    return spec is None or not spec.saves_backbone  # an unknown method is named later, with the choices
+
+
+register_format(
+    CheckpointFormat(
+        "ptuning_v2.tuning",
+        0,
+        lambda d: (d / TUNING_CONFIG).is_file(),
+        lambda d: read_tuning_checkpoint(d, _holds_weights),
+        f"{TUNING_CONFIG} (ours, any method)",
+        (TUNING_CONFIG, TUNING_WEIGHTS),
+    )
+)

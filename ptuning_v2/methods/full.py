@@ -30,11 +30,9 @@ class FullConfig:
 class FullFineTuning(TuningMethod):
     name = "full"
     config_class = FullConfig
-    saves_backbone = True
-    quantized_backbone_ok = False
 
     @classmethod
-    def attach(cls, model: nn.Module, config: FullConfig) -> FullFineTuning:
+    def attach(cls, model: nn.Module, config: FullConfig, tokenizer: Any = None) -> FullFineTuning:
         if getattr(model, "is_quantized", False):
             raise ValueError(
                 "full fine-tuning cannot train a 4/8-bit backbone (bitsandbytes weights take no optimizer "

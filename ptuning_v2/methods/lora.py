@@ -17,6 +17,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..checkpoint import CheckpointRecord, read_peft_weights, register_peft_reader
 from .base import HEAD_KEY, TuningMethod, head_state_dict, load_head_state, set_handle, trainable_head
 
 
@@ -58,7 +59,11 @@ class Lora(TuningMethod):
 
     @classmethod
     def attach(
-        cls, model: nn.Module, config: LoraMethodConfig, peft_config: LoraConfig | None = None
+        cls,
+        model: nn.Module,
+        config: LoraMethodConfig,
+        tokenizer: Any = None,
+        peft_config: LoraConfig | None = None,
     ) -> Lora:
         peft_config = peft_config or config.peft_config()
         if trainable_head(model) and peft_config.exclude_modules is None:
@@ -72,6 +77,14 @@ class Lora(TuningMethod):
             head.requires_grad_(True)
         handle = cls(model, config)
         set_handle(model, handle)
+        return handle
+
+    @classmethod
+    def from_checkpoint(cls, model: nn.Module, record: CheckpointRecord) -> Lora:
+        if record.source != "peft":
+            return super().from_checkpoint(model, record)  # type: ignore[return-value]
+        handle = cls.attach(model, LoraMethodConfig(), peft_config=record.config)
+        handle.load_state_dict(record.state_dict, str(record.path))
         return handle
 
     def _adapters(self) -> list[BaseTunerLayer]:
@@ -113,11 +126,13 @@ class Lora(TuningMethod):
                 layer.enable_adapters(True)
 
 
-def read_peft_lora(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def read_peft_lora(directory: Path, meta: dict[str, Any]) -> CheckpointRecord:
     """A LoRA adapter saved by PEFT: its config and its tensors under this model's module names."""
-    from ..checkpoint import read_peft_weights
-
     peft_config = LoraConfig.from_pretrained(str(directory))
     state = read_peft_weights(directory)
     # PEFT saves under the PeftModel wrapper's names and without the adapter's name.
-    return peft_config, {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    return CheckpointRecord(Lora.name, state, "peft", directory, meta, peft_config)
+
+
+register_peft_reader("LORA", read_peft_lora)

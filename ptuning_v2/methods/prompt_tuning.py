@@ -45,15 +45,12 @@ class PromptTable(nn.Module):
         return self.embedding.weight
 
 
-def _init_ids(model: nn.Module, config: PromptTuningConfig, vocab_size: int) -> torch.Tensor | None:
-    if config.prompt_init == "vocab":
+def _init_ids(config: PromptTuningConfig, vocab_size: int, tokenizer: Any) -> torch.Tensor | None:
+    if config.prompt_init == "vocab" or (config.prompt_init == "text" and tokenizer is None):
+        # Without the tokenizer (a checkpoint being loaded, whose tensors replace these) the text cannot be read.
         return torch.randint(0, vocab_size, (config.pre_seq_len,))
     if config.prompt_init == "text":
-        from ..loading import load_tokenizer  # the model's own tokenizer; loading imports the methods
-
-        ids = load_tokenizer(model.config._name_or_path)(config.prompt_init_text, add_special_tokens=False)[
-            "input_ids"
-        ]
+        ids = tokenizer(config.prompt_init_text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ValueError(f"prompt_init_text {config.prompt_init_text!r} tokenizes to no tokens")
         repeats = -(-config.pre_seq_len // len(ids))
@@ -66,15 +63,19 @@ class PromptTuning(VirtualTokenMethod):
     config_class = PromptTuningConfig
 
     @classmethod
-    def build_encoder(cls, model: nn.Module, config: PromptTuningConfig) -> nn.Module:
+    def build_encoder(cls, model: nn.Module, config: PromptTuningConfig, tokenizer: Any = None) -> nn.Module:
         token_embeddings = model.get_input_embeddings().weight
         table = PromptTable(config, token_embeddings.shape[1])
-        ids = _init_ids(model, config, token_embeddings.shape[0])
         with torch.no_grad():
-            if (
-                ids is None
-            ):  # random, at the scale of the backbone's own embeddings (nn.Embedding's N(0, 1) is not)
-                table.embedding.weight.normal_(0.0, float(token_embeddings.float().std()))
-            else:
-                table.embedding.weight.copy_(token_embeddings[ids.to(token_embeddings.device)].float())
+            table.embedding.weight.copy_(initial_prompt(token_embeddings, config, tokenizer))
         return table
+
+
+def initial_prompt(token_embeddings: torch.Tensor, config: Any, tokenizer: Any = None) -> torch.Tensor:
+    """``(pre_seq_len, hidden_size)`` starting embeddings as ``config.prompt_init`` says; ``tokenizer`` (the
+    model's) reads ``prompt_init_text``."""
+    ids = _init_ids(config, token_embeddings.shape[0], tokenizer)
+    if ids is None:  # random, at the scale of the backbone's own embeddings (nn.Embedding's N(0, 1) is not)
+        scale = float(token_embeddings.float().std())
+        return torch.empty(config.pre_seq_len, token_embeddings.shape[1]).normal_(0.0, scale)
+    return token_embeddings[ids.to(token_embeddings.device)].float()

@@ -63,5 +63,5 @@ class PTuningV1(VirtualTokenMethod):
     config_class = PTuningV1Config
 
     @classmethod
-    def build_encoder(cls, model: nn.Module, config: PTuningV1Config) -> nn.Module:
+    def build_encoder(cls, model: nn.Module, config: PTuningV1Config, tokenizer: Any = None) -> nn.Module:
         return PromptEncoder(config, model.get_input_embeddings().weight.shape[1])

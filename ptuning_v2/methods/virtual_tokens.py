@@ -23,8 +23,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
-from ..attach import _as_kwargs
-from ..compat import cache_argument, pop_cache
+from ..compat import cache_argument, forward_kwargs, pop_cache
 from .base import HEAD_KEY, TuningMethod, head_state_dict, load_head_state, set_handle, trainable_head
 
 # Set on a cache once it holds the virtual tokens; its value is their number.
@@ -41,18 +40,19 @@ class VirtualTokenMethod(TuningMethod):
         return self.encoder()
 
     @classmethod
-    def build_encoder(cls, model: nn.Module, config: Any) -> nn.Module:
+    def build_encoder(cls, model: nn.Module, config: Any, tokenizer: Any = None) -> nn.Module:
+        """The module whose forward gives the ``(pre_seq_len, hidden_size)`` virtual-token embeddings."""
         raise NotImplementedError
 
     @classmethod
-    def attach(cls, model: nn.Module, config: Any) -> VirtualTokenMethod:
+    def attach(cls, model: nn.Module, config: Any, tokenizer: Any = None) -> VirtualTokenMethod:
         cache_name = cache_argument(model)
         if cache_name is None:
             raise TypeError(f"{type(model).__name__} cannot take virtual tokens: its forward takes no cache")
         model.requires_grad_(False)
         for head in trainable_head(model).values():
             head.requires_grad_(True)
-        encoder = cls.build_encoder(model, config)
+        encoder = cls.build_encoder(model, config, tokenizer)
         device = model.get_input_embeddings().weight.device
         setattr(model, cls.module_name, encoder.to(device=device, dtype=torch.float32).train(model.training))
         handle = cls(model, config)
@@ -95,6 +95,28 @@ class VirtualTokenMethod(TuningMethod):
         finally:
             self.encoder.train(was_training)
 
+    @classmethod
+    def checkpoint_table(cls, backbone: nn.Module, record: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A checkpoint's virtual tokens' keys and values on ``backbone``, without attaching anything to it."""
+        config = cls.config_of(record)
+        device = backbone.get_input_embeddings().weight.device
+        # Initialised from random or sampled embeddings whatever the config says: the checkpoint's replace them.
+        encoder = cls.build_encoder(backbone, config, tokenizer=None).float().eval().to(device)
+        own = {k: v for k, v in record.state_dict.items() if not k.startswith(HEAD_KEY)}
+        expected = encoder.state_dict()
+        if set(own) != set(expected) or any(
+            tuple(own[k].shape) != tuple(expected[k].shape) for k in expected
+        ):
+            raise ValueError(
+                f"{record.method} checkpoint {record.path} does not fit this backbone: it holds "
+                f"{ {k: tuple(v.shape) for k, v in own.items()} }, the backbone needs "
+                f"{ {k: tuple(v.shape) for k, v in expected.items()} }"
+            )
+        encoder.load_state_dict(own)
+        with torch.no_grad():
+            embeddings = encoder()
+        return virtual_token_kv(backbone, embeddings)
+
 
 @torch.no_grad()
 def virtual_token_kv(
@@ -116,31 +138,11 @@ def virtual_token_kv(
         backbone.train(was_training)
 
 
-def virtual_token_table(
-    backbone: nn.Module, checkpoint: Any, method_class: type[VirtualTokenMethod], config: Any
-):
-    """A virtual-token checkpoint's keys and values on ``backbone``, without attaching anything to it."""
-    device = backbone.get_input_embeddings().weight.device
-    encoder = method_class.build_encoder(backbone, config).float().eval().to(device)
-    own = {k: v for k, v in checkpoint.state_dict.items() if not k.startswith(HEAD_KEY)}
-    expected = encoder.state_dict()
-    if set(own) != set(expected) or any(tuple(own[k].shape) != tuple(expected[k].shape) for k in expected):
-        raise ValueError(
-            f"{method_class.name} checkpoint {checkpoint.path} does not fit this backbone: it holds "
-            f"{ {k: tuple(v.shape) for k, v in own.items()} }, the backbone needs "
-            f"{ {k: tuple(v.shape) for k, v in expected.items()} }"
-        )
-    encoder.load_state_dict(own)
-    with torch.no_grad():
-        embeddings = encoder()
-    return virtual_token_kv(backbone, embeddings)
-
-
 def _inject_virtual_tokens(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     handle: VirtualTokenMethod = model.tuning
     if not handle.enabled:
         return None
-    kwargs = _as_kwargs(model, args, kwargs)
+    kwargs = forward_kwargs(model, args, kwargs)
     cache = pop_cache(kwargs)
     n_virtual = handle.config.pre_seq_len
     if cache is not None and not isinstance(cache, Cache):

@@ -19,7 +19,7 @@ from accelerate import PartialState
 from transformers import get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ..evaluate import BOOLEAN_WORDS
+from ..spellings import BOOLEAN_WORDS
 from .settings import (
     RUN_CONFIG,
     PrefixTrainingArguments,

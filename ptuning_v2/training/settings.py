@@ -18,12 +18,13 @@ from transformers.hf_argparser import string_to_bool
 
 from .. import nlu
 from ..data import DataConfig
-from ..evaluate import parse_bool
 from ..files import atomic_write_text
 from ..generation import GenerationSettings
 from ..loading import check_model_path, quantization_config, resolve_dtype
-from ..methods import METHODS, method_config, method_settings
+from ..methods import METHODS, method_class, method_config, method_settings
+from ..methods.catalog import DEFAULT_METHOD
 from ..metrics import TASKS
+from ..spellings import parse_bool, parse_quantization
 
 
 @dataclass
@@ -32,7 +33,7 @@ class ModelArguments:
     ptuning_checkpoint: str | None = field(
         default=None, metadata={"help": "a checkpoint of the same method to start from (warm start)"}
     )
-    method: str = field(default="ptuning_v2", metadata={"help": "one of " + ", ".join(METHODS)})
+    method: str = field(default=DEFAULT_METHOD, metadata={"help": "one of " + ", ".join(METHODS)})
     quantization_bit: str | None = field(default=None, metadata={"help": "4 (nf4), 8, or none"})
     torch_dtype: str | None = field(default=None, metadata={"help": "fp32, bf16, fp16; default fp32 on CPU"})
 
@@ -189,10 +190,10 @@ def parse_args(argv: list[str] | None = None) -> RunSettings:
         # A settings file's learning rate belongs to its method: a prefix's 1e-1 would wreck LoRA or full.
         method = next(argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--method")
         if method != defaults.get("method", ModelArguments.method) and method in METHODS:
-            defaults["learning_rate"] = DEFAULT_LEARNING_RATES[method]
+            defaults["learning_rate"] = METHODS[method].learning_rate
             print(
                 f"note: --method {method} with the learning rate of {config_path} ({defaults.get('method')}) "
-                f"replaced by {method}'s default {DEFAULT_LEARNING_RATES[method]:g}; give --learning_rate "
+                f"replaced by {method}'s default {METHODS[method].learning_rate:g}; give --learning_rate "
                 "(LR=) to choose",
                 flush=True,
             )
@@ -208,17 +209,6 @@ def parse_args(argv: list[str] | None = None) -> RunSettings:
     if derive_output_dir:
         training.output_dir = default_output_dir(model_args, method_args, data_args, training)
     return RunSettings(model_args, method_args, data_args, generation, training)
-
-
-# Starting points for each method's learning rate on the bundled tasks (the comparison tunes them on dev).
-DEFAULT_LEARNING_RATES = {
-    "ptuning_v2": 1e-1,
-    "prefix_tuning": 1e-2,
-    "ptuning_v1": 1e-2,
-    "prompt_tuning": 1e-1,
-    "lora": 1e-3,
-    "full": 1e-4,
-}
 
 
 def _short_number(value: float) -> str:
@@ -239,7 +229,8 @@ def default_output_dir(
     data = "mix" if len(files) > 1 else file.parent.name or "run"
     if data_args.task_type != "generation" and len(files) <= 1:
         data = f"{data}-{file.stem}"
-    length = "" if model_args.method in ("lora", "full") else f"-{method_args.pre_seq_len}"
+    spec = METHODS.get(model_args.method)
+    length = f"-{method_args.pre_seq_len}" if spec is None or spec.prompt_length else ""
     return f"output/{data}-{model_args.method}{length}-{_short_number(args.learning_rate)}"
 
 
@@ -254,6 +245,15 @@ def _shown(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return repr(value) if isinstance(value, str) else str(value)
+
+
+# Method settings that count something, with what they count; each is checked for the method that has it.
+COUNTED_SETTINGS = (
+    ("pre_seq_len", "virtual tokens", False),
+    ("prefix_hidden_size", "units", True),
+    ("prompt_encoder_hidden_size", "units", True),
+    ("lora_rank", "ranks", False),
+)
 
 
 def settings_problems(settings: RunSettings) -> list[str]:
@@ -296,11 +296,12 @@ def settings_problems(settings: RunSettings) -> list[str]:
     if model_args.ptuning_checkpoint and not Path(model_args.ptuning_checkpoint).exists():
         problems.append(f"--ptuning_checkpoint {model_args.ptuning_checkpoint!r} does not exist")
     need(model_args.method in METHODS, "method", model_args.method, f"must be one of {', '.join(METHODS)}")
-    count("pre_seq_len", method_args.pre_seq_len, "virtual tokens")
-    count("prefix_hidden_size", method_args.prefix_hidden_size, "units", optional=True)
-    count("prompt_encoder_hidden_size", method_args.prompt_encoder_hidden_size, "units", optional=True)
-    count("lora_rank", method_args.lora_rank, "ranks")
     if model_args.method in METHODS:
+        # Only the chosen method's settings are its (the others' flags keep their defaults, unread).
+        own = {f.name for f in fields(method_class(model_args.method).config_class)}
+        for flag, what, optional in COUNTED_SETTINGS:
+            if flag in own:
+                count(flag, getattr(method_args, flag), what, optional)
         try:  # each method's config checks its own fields (choices, ranges)
             settings.method_config()
         except (TypeError, ValueError) as err:
@@ -309,8 +310,11 @@ def settings_problems(settings: RunSettings) -> list[str]:
                 problems.append(f"--method {model_args.method}: {err}")
             elif not any(p.startswith(f"--{name} ") for p in problems):
                 problems.append(f"--{name} {_shown(getattr(method_args, name))}: {err}")
-        quantized = model_args.quantization_bit not in (None, "", "none", "None", "16", "32")
-        if quantized and not METHODS[model_args.method].quantized_backbone_ok:
+        try:
+            bits = parse_quantization(model_args.quantization_bit)
+        except ValueError:
+            bits = None  # named below
+        if bits not in METHODS[model_args.method].quantizations:
             problems.append(
                 f"--method {model_args.method} with --quantization_bit {model_args.quantization_bit}: full "
                 "fine-tuning cannot train a 4/8-bit backbone (bitsandbytes weights take no optimizer step); use "

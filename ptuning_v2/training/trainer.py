@@ -22,16 +22,10 @@ from transformers.integrations.deepspeed import deepspeed_load_checkpoint
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .. import nlu
-from ..checkpoint import (
-    PREFIX_METHODS,
-    CheckpointError,
-    load_prefix_checkpoint,
-    prefix_method_name,
-    read_tuning_checkpoint,
-)
+from ..checkpoint import CheckpointError
 from ..data import training_collator
 from ..files import swap_directory
-from ..methods import tuning_of
+from ..methods import read_checkpoint, tuning_of
 from .output import rotate_run_checkpoints
 from .scoring import Datasets, Scorer
 from .settings import RunSettings
@@ -247,14 +241,7 @@ class TuningTrainer(Trainer):
 
 def _read_checkpoint_state(path: str, method: str) -> dict[str, torch.Tensor]:
     """The tensors a ``checkpoint-N`` folder holds for ``method``, checked against the method's checkpoint format."""
-    if method in PREFIX_METHODS:
-        checkpoint = load_prefix_checkpoint(path)
-        if prefix_method_name(checkpoint.config) != method:
-            raise CheckpointError(
-                f"{path}: a {prefix_method_name(checkpoint.config)} checkpoint, not {method}"
-            )
-        return checkpoint.state_dict
-    checkpoint = read_tuning_checkpoint(path)
+    checkpoint = read_checkpoint(path)
     if checkpoint.method != method:
         raise CheckpointError(f"{path}: a {checkpoint.method} checkpoint, this run trains {method}")
     return checkpoint.state_dict

@@ -1,4 +1,4 @@
-"""The prefix: a trainable key/value table per layer, laid out exactly as THUDM's ChatGLM2/3 code lays it out.
+"""The prefix's settings and geometry: ``PrefixConfig`` and the ``KVShape`` a model's cache needs.
 
 P-Tuning v2 (``prefix_projection=False``) learns the table directly: ``Embedding(pre_seq_len, kv_size)``.
 Prefix-Tuning (``prefix_projection=True``) reparameterises it through a 2-layer MLP,
@@ -12,9 +12,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
-
-import torch
-from torch import nn
 
 PositionConvention = Literal["chatglm", "peft"]
 
@@ -165,48 +162,3 @@ def kv_shape_from_config(config: Any) -> KVShape:
         )
     num_kv_heads, head_dim = geometries[0]
     return KVShape(num_layers, num_kv_heads, head_dim, hidden_size)
-
-
-class PrefixEncoder(nn.Module):
-    """Computes the ``(pre_seq_len, kv_size)`` prefix table; parameter names match ChatGLM's checkpoints."""
-
-    def __init__(self, config: PrefixConfig, kv_shape: KVShape) -> None:
-        super().__init__()
-        self.config = config
-        self.kv_shape = kv_shape
-        kv_size = kv_shape.kv_size
-        self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
-        if config.prefix_projection:
-            hidden = config.prefix_hidden_size or kv_shape.hidden_size
-            self.trans = nn.Sequential(nn.Linear(kv_size, hidden), nn.Tanh(), nn.Linear(hidden, kv_size))
-        self.dropout = nn.Dropout(config.prefix_dropout)
-
-    def table(self) -> torch.Tensor:
-        """The prefix table ``(pre_seq_len, kv_size)``, computed once however large the batch."""
-        # Through the submodules' forward, not `.weight`: DeepSpeed ZeRO-3 gathers partitioned
-        # parameters in module hooks.
-        positions = torch.arange(self.config.pre_seq_len, device=self.embedding.weight.device)
-        table = self.embedding(positions)
-        if self.config.prefix_projection:
-            table = self.trans(table)
-        return table
-
-    def forward(
-        self, batch_size: int, dtype: torch.dtype | None = None
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer ``(key, value)`` pairs, each ``(batch, num_kv_heads, pre_seq_len, head_dim)``.
-
-        Dropout acts after the batch expansion so each example gets its own mask, as in ChatGLM.
-        """
-        shape = self.kv_shape
-        table = self.table()
-        prefix = table.unsqueeze(0).expand(batch_size, -1, -1)
-        prefix = prefix.view(
-            batch_size, self.config.pre_seq_len, 2 * shape.num_layers, shape.num_kv_heads, shape.head_dim
-        )
-        prefix = self.dropout(prefix)
-        if dtype is not None:
-            prefix = prefix.to(dtype)
-        # (B, P, 2L, H, D) -> (2L, B, H, P, D): slot 2i is layer i's key, slot 2i+1 its value.
-        slots = prefix.permute(2, 0, 3, 1, 4)
-        return [(slots[2 * i], slots[2 * i + 1]) for i in range(shape.num_layers)]

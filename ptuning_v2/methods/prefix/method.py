@@ -2,8 +2,8 @@
 
 One encoder with a switch (``PrefixConfig.prefix_projection``): without it (``ptuning_v2``) the prefix is a plain
 table, one trainable key/value table per layer; with it (``prefix_tuning``) the table comes out of a 2-layer MLP.
-The prefix reaches the layers through the cache (see ``attach.py``, the mechanism); its checkpoint keeps THUDM's
-tensor names (see ``checkpoint.py``, the format).
+The prefix reaches the layers through the cache (``hook.py``); its checkpoint keeps THUDM's tensor names
+(``formats.py``); ``config.py`` and ``encoder.py`` define its settings, geometry and table.
 """
 
 from __future__ import annotations
@@ -15,18 +15,19 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..attach import check_prefix_fits_model, install_prefix_hook
-from ..checkpoint import (
-    HEAD_KEY,
+from ...checkpoint import HEAD_KEY
+from ...files import atomic_directory
+from ..base import TuningMethod, base_model_info, head_state_dict, load_head_state, set_handle, trainable_head
+from .config import PrefixConfig, kv_shape_from_config
+from .encoder import PrefixEncoder
+from .formats import (
     PrefixCheckpoint,
     fits,
     load_prefix_checkpoint,
     prefix_method_name,
     write_prefix_checkpoint,
 )
-from ..files import atomic_directory
-from ..prefix_encoder import PrefixConfig, PrefixEncoder, kv_shape_from_config
-from .base import TuningMethod, base_model_info, head_state_dict, load_head_state, set_handle, trainable_head
+from .hook import check_prefix_fits_model, install_prefix_hook
 
 
 class PrefixMethod(TuningMethod):
@@ -44,15 +45,7 @@ class PrefixMethod(TuningMethod):
         return prefix_method_name(self.config)
 
     @classmethod
-    def settings_config(cls, method: str, settings: dict[str, Any]) -> PrefixConfig:
-        """``prefix_tuning`` is the projection switched on, whatever ``prefix_projection`` says."""
-        config = {k: settings[k] for k in PrefixConfig.__dataclass_fields__ if k in settings}
-        if method == "prefix_tuning":
-            config["prefix_projection"] = True
-        return PrefixConfig(**config)
-
-    @classmethod
-    def attach(cls, model: nn.Module, config: PrefixConfig) -> PrefixMethod:
+    def attach(cls, model: nn.Module, config: PrefixConfig, tokenizer: Any = None) -> PrefixMethod:
         cache_argument = check_prefix_fits_model(model, config)
         kv_shape = kv_shape_from_config(model.config)  # refuses geometries one table cannot hold
         model.requires_grad_(False)
@@ -97,13 +90,27 @@ class PrefixMethod(TuningMethod):
         )
 
     def kv_table(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        was_training = self.encoder.training
-        try:
-            with torch.no_grad():
-                pairs = self.encoder.eval()(1)  # eval: no prefix dropout
-        finally:
-            self.encoder.train(was_training)
-        return [(key[0], value[0]) for key, value in pairs]
+        return self.encoder.kv_table()
+
+    @classmethod
+    def from_checkpoint(cls, model: nn.Module, record: PrefixCheckpoint) -> PrefixMethod:
+        model_shape = kv_shape_from_config(model.config)
+        # Checked before attaching, so a checkpoint that does not fit leaves the model untouched.
+        if not fits(record, model_shape):
+            raise ValueError(
+                f"prefix checkpoint {record.path} does not fit this model: checkpoint has {record.describe()}; "
+                f"model expects {model_shape.describe()}"
+            )
+        attach_prefix(model, record.config)
+        load_prefix_weights(model, record)
+        return model.tuning
+
+    @classmethod
+    def checkpoint_table(
+        cls, backbone: nn.Module, record: PrefixCheckpoint
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        encoder = PrefixEncoder(record.config, kv_shape_from_config(backbone.config))
+        return load_prefix_into_encoder(record, encoder).kv_table()
 
 
 def attach_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
@@ -126,7 +133,7 @@ def _mismatch(checkpoint: PrefixCheckpoint, encoder: PrefixEncoder) -> str | Non
     if not fits(checkpoint, expected):
         problems.append("kv shape")
     if not problems and checkpoint.config.prefix_projection:
-        if checkpoint._hidden_size() != encoder.trans[0].out_features:
+        if checkpoint.hidden_size() != encoder.trans[0].out_features:
             problems.append("prefix_hidden_size")
     if not problems:
         return None
@@ -160,16 +167,8 @@ def load_prefix_into_encoder(checkpoint: PrefixCheckpoint, encoder: PrefixEncode
 
 def load_prefix(model: nn.Module, path: str | Path) -> nn.Module:
     """Attach the prefix stored at ``path`` (ours, official ChatGLM or PEFT) to ``model`` and load its weights."""
-    checkpoint = load_prefix_checkpoint(path)
-    model_shape = kv_shape_from_config(model.config)
-    # Checked before attaching, so a checkpoint that does not fit leaves the model untouched.
-    if not fits(checkpoint, model_shape):
-        raise ValueError(
-            f"prefix checkpoint {checkpoint.path} does not fit this model: checkpoint has {checkpoint.describe()}; "
-            f"model expects {model_shape.describe()}"
-        )
-    attach_prefix(model, checkpoint.config)
-    return load_prefix_weights(model, checkpoint)
+    PrefixMethod.from_checkpoint(model, load_prefix_checkpoint(path))
+    return model
 
 
 def bake_prefix(model: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""The mechanism that carries a prefix into a frozen transformers model (the prefix methods' engine room).
+"""The hook that carries a prefix into a frozen transformers model (the prefix methods' engine room).
 
 The model object stays what it was (a ``GlmForCausalLM``, ``Qwen2ForCausalLM``, ``...ForSequenceClassification``)
 so ``forward``, ``generate``, the Trainer and DeepSpeed all see an ordinary transformers model. A forward pre-hook
@@ -17,7 +17,7 @@ prefix into generate's empty cache on the first step, so the encoder runs once p
 from __future__ import annotations
 
 import inspect
-from typing import Any, get_args
+from typing import get_args
 
 import torch
 from torch import nn
@@ -25,8 +25,8 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_laye
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from .compat import cache_argument, pop_cache
-from .prefix_encoder import PrefixConfig
+from ...compat import cache_argument, forward_kwargs, pop_cache
+from .config import PrefixConfig
 
 # Set on a Cache once it holds the prefix; its value is the prefix length.
 _PREFIX_MARK = "_ptuning_v2_prefix_len"
@@ -73,20 +73,6 @@ def _fill_cache(model: nn.Module, cache: Cache, batch_size: int) -> Cache:
     return cache
 
 
-def _as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """Fold positional arguments into keywords, so the hook sees ``input_ids`` however it was passed."""
-    if not args:
-        return dict(kwargs)
-    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
-    merged: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-            merged.update(value)
-        else:
-            merged[name] = value
-    return merged
-
-
 # Families whose decoder loop hands every layer `None` for the cache when training under gradient
 # checkpointing (GPT-2's `cache if not (self.gradient_checkpointing and self.training) else None`): the prefix
 # would never reach a layer, and the extended mask would not match the keys.
@@ -125,7 +111,7 @@ def _real_positions(
 def _inject_prefix(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     if not model.tuning.enabled:
         return None
-    kwargs = _as_kwargs(model, args, kwargs)
+    kwargs = forward_kwargs(model, args, kwargs)
     config: PrefixConfig = model.tuning.config
     pre_seq_len = config.pre_seq_len
     inputs = kwargs.get("input_ids")
