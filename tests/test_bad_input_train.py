@@ -377,7 +377,8 @@ def script_error(result: subprocess.CompletedProcess, *expected: str) -> None:
         ("PREFIX_DROPOUT=high", "PREFIX_DROPOUT"),
         (
             "METHOD=adapters",
-            "METHOD must be one of: ptuning_v2 prefix_tuning ptuning_v1 prompt_tuning lora full; got 'adapters'",
+            "METHOD must be one of: ptuning_v2 prefix_tuning ptuning_v1 prompt_tuning residual_prompt_tuning lora full; "
+            "got 'adapters'",
         ),
         ("QUANTIZATION_BIT=3", "QUANTIZATION_BIT must be one of: none 4 8; got '3'"),
         ("PREFIX_PROJECTION=maybe", "PREFIX_PROJECTION must be true or false"),

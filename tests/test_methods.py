@@ -32,6 +32,7 @@ METHOD_SETTINGS = {
     "prefix_tuning": ["LR=0.01", "PREFIX_DROPOUT=0"],
     "ptuning_v1": ["LR=0.01"],
     "prompt_tuning": ["LR=0.3"],
+    "residual_prompt_tuning": ["LR=0.01"],
     "lora": ["LR=0.01", "LORA_DROPOUT=0"],
     "full": ["LR=0.001"],
 }
@@ -145,7 +146,7 @@ def test_chat_answers_with_the_checkpoint(workdir, trained, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ptuning_v1", "prompt_tuning", "lora", "full"])
+@pytest.mark.parametrize("method", ["ptuning_v1", "prompt_tuning", "residual_prompt_tuning", "lora", "full"])
 def test_engine_answers_what_generate_answers(workdir, trained, method):
     """The serving engine runs virtual tokens as a prefix (positions from P) and LoRA/full as the backbone: the
     greedy answer must be the one ``generate`` gives with the method attached."""
@@ -161,6 +162,25 @@ def test_engine_answers_what_generate_answers(workdir, trained, method):
         prefix = "tuned" if "tuned" in engine.prefix_names else None
         answer = engine.complete(messages, prefix, SamplingParams(max_new_tokens=8)).text
     assert answer.strip() == expected[0]
+
+
+@pytest.mark.slow
+def test_residual_prompts_are_served_beside_prefixes(workdir, trained):
+    """Residual Prompt Tuning's virtual tokens become a prefix, so it shares one backbone with P-Tuning v2 and
+    Prefix-Tuning checkpoints; each answers what ``generate`` gives with that checkpoint attached."""
+    tokenizer = load_tokenizer(str(workdir / "model"))
+    messages = [{"role": "user", "content": "找出实体：李四在上海见到新华社记者。"}]
+    prompt = generation_prompt_ids(messages, tokenizer)
+    served = {m: str(trained[m][0]) for m in ("residual_prompt_tuning", "ptuning_v2", "prefix_tuning")}
+    with Engine.load(str(workdir / "model"), served) as engine:
+        assert engine.prefix_names == list(served)
+        answers = {m: engine.complete(messages, m, SamplingParams(max_new_tokens=8)).text for m in served}
+    for method, path in served.items():
+        model = load_model(str(workdir / "model"), path)
+        expected, _ = generate_texts(
+            model, tokenizer, [prompt], GenerationSettings(max_new_tokens=8), progress=False
+        )
+        assert answers[method].strip() == expected[0], method
 
 
 # ---------------------------------------------------------------- trainable parameters, by formula
@@ -198,6 +218,8 @@ def test_trainable_parameters_match_their_formula(workdir, method):
         + (hidden * hidden + hidden)
         + (hidden * hidden + hidden),
         "prompt_tuning": P * hidden,
+        # the prompt, then Linear(h, h) -> ReLU -> Linear(h, h) -> LayerNorm(h) (bottleneck: the hidden size)
+        "residual_prompt_tuning": P * hidden + 2 * (hidden * hidden + hidden) + 2 * hidden,
         "lora": _linear_lora(model, 8),
         "full": sum(p.numel() for p in model.parameters()),
     }[method]

@@ -107,6 +107,11 @@ def test_chatglm_names_read_like_transformers_names():
         ),  # + the MLP (width = hidden)
         (dict(method="prefix_tuning", prefix_hidden_size=32), 1024 + (128 * 32 + 32) + (32 * 128 + 128)),
         (dict(method="prompt_tuning"), 8 * 64),
+        (dict(method="residual_prompt_tuning"), 8 * 64 + 2 * (64 * 64 + 64) + 2 * 64),  # + MLP + LayerNorm
+        (
+            dict(method="residual_prompt_tuning", prompt_encoder_hidden_size=16),
+            8 * 64 + (64 * 16 + 16) + (16 * 64 + 64) + 2 * 64,
+        ),
         (dict(method="ptuning_v1", prompt_encoder_type="mlp"), 8 * 64 + (64 * 64 + 64) * 2),
         (dict(method="lora", lora_rank=4, lora_target_modules="attention"), 2 * 4 * (128 + 96 + 96 + 128)),
         (dict(method="lora", lora_rank=4), 2 * 4 * (128 + 96 + 96 + 128 + 320 + 192)),  # all-linear

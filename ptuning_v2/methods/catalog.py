@@ -102,6 +102,11 @@ _SPECS = (
                encoder_activations=lambda m, s: s.pre_seq_len * (m.hidden_size + 12 * (s.prompt_encoder_hidden_size or m.hidden_size))),
     MethodSpec("prompt_tuning", "virtual tokens, a plain table", "prompt_tuning", "PromptTuning", VIRTUAL_TOKENS,
                1e-1, lambda shape, s: s.pre_seq_len * shape.hidden_size),
+    MethodSpec("residual_prompt_tuning", "virtual tokens through a residual MLP, P + MLP(P)", "residual_prompt_tuning",
+               "ResidualPromptTuning", VIRTUAL_TOKENS, 1e-2,
+               lambda m, s: s.pre_seq_len * m.hidden_size + 2 * m.hidden_size * (s.prompt_encoder_hidden_size or m.hidden_size)
+               + (s.prompt_encoder_hidden_size or m.hidden_size) + 3 * m.hidden_size,
+               encoder_activations=lambda m, s: 2 * s.pre_seq_len * (m.hidden_size + (s.prompt_encoder_hidden_size or m.hidden_size))),
     MethodSpec("lora", "low-rank updates of the linear layers, through PEFT", "lora", "Lora", WEIGHTS, 1e-3, _lora),
     MethodSpec("full", "every parameter trains", "full", "FullFineTuning", WEIGHTS, 1e-4,
                lambda shape, s: shape.total_parameters, saves_backbone=True, quantizations=(None,)),
