@@ -134,11 +134,13 @@ class ChatRequest:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise APIError(400, "'model' is a required property (a string)", "model")
-        if model != engine.model_name and model not in engine.prefixes:
+        try:
+            self.prefix = engine.resolve_prefix(model)  # the request's model, resolved once: a table or none
+        except ValueError:
             known = ", ".join([engine.model_name, *engine.prefix_names])
             raise APIError(
                 404, f"The model '{model}' does not exist; loaded: {known}", "model", "model_not_found"
-            )
+            ) from None
         self.model = model
         if (body.get("n") or 1) != 1:
             raise APIError(400, "only n=1 is supported", "n")
@@ -262,8 +264,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.get("/v1/models/{name}")
     async def get_model(name: str) -> dict[str, Any]:
-        if name != engine.model_name and name not in engine.prefixes:
-            raise APIError(404, f"The model '{name}' does not exist", "model", "model_not_found")
+        try:
+            engine.resolve_prefix(name)
+        except ValueError:
+            raise APIError(404, f"The model '{name}' does not exist", "model", "model_not_found") from None
         return model_card(name)
 
     @app.get("/health")
@@ -273,9 +277,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         chat = ChatRequest(engine, await _read_body(request))
-        prefix = None if chat.model == engine.model_name else chat.model
         try:
-            generation = engine.submit(chat.prompt_ids, prefix, chat.params, loop=asyncio.get_running_loop())
+            generation = engine.submit(
+                chat.prompt_ids, chat.prefix, chat.params, loop=asyncio.get_running_loop()
+            )
         except ValueError as err:
             raise APIError(400, str(err)) from err
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"

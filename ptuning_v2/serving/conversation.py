@@ -75,11 +75,15 @@ def initial_prefix(engine: Engine, wanted: str | None) -> str | None:
 
 def parse_prefix_choice(engine: Engine, choice: str) -> str | None:
     """A loaded prefix's name, or None for 'none' / the backbone's name; ValueError listing the choices."""
-    if choice in (NO_PREFIX, engine.model_name):
+    if choice == NO_PREFIX:
         return None
-    if choice not in engine.prefix_names:
-        raise ValueError(f"no prefix {choice!r}; loaded: {', '.join([*engine.prefix_names, NO_PREFIX])}")
-    return choice
+    try:
+        table = engine.resolve_prefix(choice)
+    except ValueError:
+        raise ValueError(
+            f"no prefix {choice!r}; loaded: {', '.join([*engine.prefix_names, NO_PREFIX])}"
+        ) from None
+    return table.name if table else None
 
 
 def fit_history(

@@ -116,8 +116,11 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ public
 
-    def resolve_prefix(self, prefix: str | None) -> PrefixTable | None:
-        """None, "" or the backbone's name: no prefix; else a loaded prefix's name."""
+    def resolve_prefix(self, prefix: str | PrefixTable | None) -> PrefixTable | None:
+        """What a request's model name means, decided here only: None, "" or the backbone's name is no prefix;
+        else a loaded prefix's name (ValueError listing the loaded ones). A resolved table passes as it is."""
+        if isinstance(prefix, PrefixTable):
+            return prefix
         if prefix in (None, "", self.model_name):
             return None
         if prefix not in self.prefixes:
@@ -136,7 +139,7 @@ class Engine:
     def submit(
         self,
         prompt_ids: list[int],
-        prefix: str | None,
+        prefix: str | PrefixTable | None,
         params: SamplingParams,
         cancel: threading.Event | None = None,
         loop: Any = None,
