@@ -71,15 +71,25 @@ def lstm_parameters(input_size: int, hidden: int) -> int:
     return first + second
 
 
+def _encoder_width(shape: Any, settings: Any) -> int:
+    """A prompt encoder's MLP width: ``prompt_encoder_hidden_size``, by default the backbone's hidden size."""
+    return settings.prompt_encoder_hidden_size or shape.hidden_size
+
+
 def _prompt_encoder(shape: Any, settings: Any) -> int:
     """Embedding(P, h) -> [2-layer BiLSTM] -> Linear(., width) -> ReLU -> Linear(width, h)."""
-    h = shape.hidden_size
-    width = settings.prompt_encoder_hidden_size or h
+    h, width = shape.hidden_size, _encoder_width(shape, settings)
     if settings.prompt_encoder_type == "lstm":
         encoder, mlp_in = lstm_parameters(h, width // 2), 2 * (width // 2)
     else:
         encoder, mlp_in = 0, h
     return settings.pre_seq_len * h + encoder + (mlp_in * width + width) + (width * h + h)
+
+
+def _residual_prompt_encoder(shape: Any, settings: Any) -> int:
+    """Embedding(P, h), plus Linear(h, width) -> ReLU -> Linear(width, h) -> LayerNorm(h) of itself."""
+    h, width = shape.hidden_size, _encoder_width(shape, settings)
+    return settings.pre_seq_len * h + (h * width + width) + (width * h + h) + 2 * h
 
 
 def _lora(shape: Any, settings: Any) -> int:
@@ -99,14 +109,12 @@ _SPECS = (
     MethodSpec("ptuning_v1", "virtual tokens from an LSTM/MLP prompt encoder", "ptuning_v1", "PTuningV1",
                VIRTUAL_TOKENS, 1e-2, _prompt_encoder,
                # the prompt encoder's gates and MLP, roughly
-               encoder_activations=lambda m, s: s.pre_seq_len * (m.hidden_size + 12 * (s.prompt_encoder_hidden_size or m.hidden_size))),
+               encoder_activations=lambda m, s: s.pre_seq_len * (m.hidden_size + 12 * _encoder_width(m, s))),
     MethodSpec("prompt_tuning", "virtual tokens, a plain table", "prompt_tuning", "PromptTuning", VIRTUAL_TOKENS,
                1e-1, lambda shape, s: s.pre_seq_len * shape.hidden_size),
     MethodSpec("residual_prompt_tuning", "virtual tokens through a residual MLP, P + MLP(P)", "residual_prompt_tuning",
-               "ResidualPromptTuning", VIRTUAL_TOKENS, 1e-2,
-               lambda m, s: s.pre_seq_len * m.hidden_size + 2 * m.hidden_size * (s.prompt_encoder_hidden_size or m.hidden_size)
-               + (s.prompt_encoder_hidden_size or m.hidden_size) + 3 * m.hidden_size,
-               encoder_activations=lambda m, s: 2 * s.pre_seq_len * (m.hidden_size + (s.prompt_encoder_hidden_size or m.hidden_size))),
+               "ResidualPromptTuning", VIRTUAL_TOKENS, 1e-2, _residual_prompt_encoder,
+               encoder_activations=lambda m, s: 2 * s.pre_seq_len * (m.hidden_size + _encoder_width(m, s))),
     MethodSpec("lora", "low-rank updates of the linear layers, through PEFT", "lora", "Lora", WEIGHTS, 1e-3, _lora),
     MethodSpec("full", "every parameter trains", "full", "FullFineTuning", WEIGHTS, 1e-4,
                lambda shape, s: shape.total_parameters, saves_backbone=True, quantizations=(None,)),
