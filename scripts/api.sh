@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-KEYS="HOST PORT MODEL QUANTIZATION_BIT PREFIXES API_KEY MAX_BATCH_SIZE BATCH_WAIT_MS"
+KEYS="HOST PORT MODEL QUANTIZATION_BIT PREFIXES API_KEY MAX_BATCH_SIZE BATCH_WAIT_MS MAX_REQUEST_MESSAGES MAX_REQUEST_CHARS"
 # Shells and platforms set HOST for their own reasons; the address to expose the server on must be asked for here.
 unset HOST
 source scripts/lib.sh
@@ -28,11 +28,16 @@ check_int MAX_BATCH_SIZE 1
 check_number BATCH_WAIT_MS "" ""
 check_choice QUANTIZATION_BIT none 4 8
 [[ -n "$HOST" ]] || fail "HOST must not be empty"
+# Unset: what fits the loaded model's context (the server prints the limits it uses).
+[[ -n "${MAX_REQUEST_MESSAGES:-}" ]] && check_int MAX_REQUEST_MESSAGES 1
+[[ -n "${MAX_REQUEST_CHARS:-}" ]] && check_int MAX_REQUEST_CHARS 1
 
 ARGS=(--host "$HOST" --port "$PORT" --model "$MODEL" --quantization_bit "$QUANTIZATION_BIT"
   --max_batch_size "$MAX_BATCH_SIZE" --batch_wait_ms "$BATCH_WAIT_MS")
 # PREFIXES unset: the main job's prefix when it exists; PREFIXES= (empty): the bare backbone only.
 [[ -n "${PREFIXES+set}" ]] && ARGS+=(--prefixes "$PREFIXES")
+[[ -n "${MAX_REQUEST_MESSAGES:-}" ]] && ARGS+=(--max_request_messages "$MAX_REQUEST_MESSAGES")
+[[ -n "${MAX_REQUEST_CHARS:-}" ]] && ARGS+=(--max_request_chars "$MAX_REQUEST_CHARS")
 # The key travels in the environment, not in argv where `ps` would show it.
 if [[ -n "${API_KEY:-}" ]]; then
   export PTUNING_V2_API_KEY="$API_KEY"

@@ -325,7 +325,13 @@ def test_a_checkpoint_that_does_not_fit_fails_at_start_up(paths, tmp_path):
     assert process.returncode == 1, out + err
     assert "error: prefix 'short'" in err and "does not fit this model" in err
     assert "Traceback" not in err
-    for setting in ("PORT=http", "MAX_BATCH_SIZE=0", "COLOUR=blue"):
+    for setting in (
+        "PORT=http",
+        "MAX_BATCH_SIZE=0",
+        "COLOUR=blue",
+        "MAX_REQUEST_MESSAGES=0",
+        "MAX_REQUEST_CHARS=x",
+    ):
         process = _api_sh(setting, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _, err = process.communicate(timeout=120)
         assert process.returncode == 2 and "error:" in err and "Traceback" not in err, (setting, err)
@@ -341,6 +347,7 @@ def test_32_concurrent_clients_mixed_prefixes_streaming_and_not(paths, tmp_path)
         f"PORT={port}",
         "API_KEY=k",
         "MAX_BATCH_SIZE=16",
+        "MAX_REQUEST_MESSAGES=50",
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -358,7 +365,9 @@ def test_32_concurrent_clients_mixed_prefixes_streaming_and_not(paths, tmp_path)
                     tmp_path / "server.log"
                 ).read_text()
                 time.sleep(0.2)
-        assert f"http://127.0.0.1:{port}/v1" in (tmp_path / "server.log").read_text()  # loopback by default
+        started = (tmp_path / "server.log").read_text()
+        assert f"http://127.0.0.1:{port}/v1" in started  # loopback by default
+        assert "at most 50 messages and 3840 characters per request" in started  # 256 tokens x 15 characters
         jobs = [
             (TEXTS[(c + r) % len(TEXTS)], MODELS[(c + 2 * r) % len(MODELS)])
             for c in range(32)

@@ -2,9 +2,11 @@
 
     python -m ptuning_v2.serving.api --model models/glm-zh-tiny --prefixes ner=output/ner-ptuning_v2-64-1e-1
 
-``GET /v1/models`` lists the backbone and every prefix; ``POST /v1/chat/completions`` answers with the prefix
-named by ``model`` (the backbone's name: no prefix), streamed as server-sent events with ``"stream": true``.
-Requests that arrive together are decoded in one batch, whatever prefix each one uses (see ``engine``).
+``GET /v1/models`` lists the backbone and every prefix; ``POST /v1/chat/completions`` and the legacy
+``POST /v1/completions`` (raw prompts or token ids, ``echo``, ``logprobs``: what evaluation harnesses call) answer
+with the prefix named by ``model`` (the backbone's name: no prefix), streamed as server-sent events with
+``"stream": true``. Requests that arrive together are decoded in one batch, whatever prefix each one uses (see
+``engine``). Which request fields are honoured and which are refused is ``protocol``'s.
 
 Every bad request gets a 4xx in OpenAI's error shape, ``{"error": {"message", "type", "param", "code"}}``, and
 the server goes on serving. With an API key, every request needs ``Authorization: Bearer <key>``.
@@ -29,175 +31,29 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, Generation, SamplingParams
+from .engine import Engine, Generation, TokenLogprob
+from .protocol import (
+    MAX_MESSAGES_CAP,
+    APIError,
+    ChatRequest,
+    CommonSettings,
+    CompletionRequest,
+    RequestLimits,
+)
 from .settings import DEFAULT_MODEL, default_prefixes, parse_prefixes
 
 API_KEY_ENV = "PTUNING_V2_API_KEY"
-MAX_STOP_STRINGS = 4  # as OpenAI
 
 
-class APIError(Exception):
-    """A request the server refuses; rendered in OpenAI's error shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        type: str = "invalid_request_error",
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+# ---------------------------------------------------------------------------------------------------- answers
 
 
-# ------------------------------------------------------------------------------------------ request parsing
-
-
-def _number(
-    body: dict[str, Any], name: str, low: float, high: float, low_inclusive: bool = True
-) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise APIError(400, f"'{name}' must be a number, got {json.dumps(value)}", name)
-    if not ((value >= low if low_inclusive else value > low) and value <= high):
-        bracket = "[" if low_inclusive else "("
-        raise APIError(400, f"'{name}' must be in {bracket}{low}, {high}], got {value}", name)
-    return float(value)
-
-
-def _integer(body: dict[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"'{name}' must be an integer, got {json.dumps(value)}", name)
-    return value
-
-
-def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
-    """OpenAI messages -> ``{role, content}`` with text content (text parts of a content list are joined)."""
-    if "messages" not in body:
-        raise APIError(400, "'messages' is a required property", "messages")
-    messages = body["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty array of {role, content} objects", "messages")
-    plain = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise APIError(400, f"messages[{i}] must be an object with role and content", f"messages[{i}]")
-        content = message.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(
-                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                for p in content
-            ):
-                raise APIError(
-                    400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content"
-                )
-            content = "".join(part["text"] for part in content)
-        elif content is None and message.get("role") == "assistant":
-            content = ""
-        plain.append({"role": message.get("role"), "content": content})
-    return plain
-
-
-def _stop(body: dict[str, Any]) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise APIError(400, "'stop' must be a non-empty string or an array of them", "stop")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise APIError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", "stop")
-    return stops
-
-
-class ChatRequest:
-    """A checked ``/v1/chat/completions`` body: the prompt ids, the prefix and the sampling settings."""
-
-    def __init__(self, engine: Engine, body: Any) -> None:
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise APIError(400, "'model' is a required property (a string)", "model")
-        try:
-            self.prefix = engine.resolve_prefix(model)  # the request's model, resolved once: a table or none
-        except ValueError:
-            known = ", ".join([engine.model_name, *engine.prefix_names])
-            raise APIError(
-                404, f"The model '{model}' does not exist; loaded: {known}", "model", "model_not_found"
-            ) from None
-        self.model = model
-        if (body.get("n") or 1) != 1:
-            raise APIError(400, "only n=1 is supported", "n")
-        messages = _messages(body)
-        try:
-            self.prompt_ids = engine.prompt_ids(messages)
-        except ValueError as err:
-            raise APIError(400, str(err), "messages") from err
-        room = engine.context_length - len(self.prompt_ids)
-        if room < 1:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {engine.context_length} tokens. However, your messages "
-                f"resulted in {len(self.prompt_ids)} tokens. Please reduce the length of the messages.",
-                "messages",
-                "context_length_exceeded",
-            )
-        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _integer(body, name)
-        if max_tokens is not None and max_tokens < 1:
-            raise APIError(400, f"'{name}' must be at least 1, got {max_tokens}", name)
-        if max_tokens is not None and max_tokens > room:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {engine.context_length} tokens. However, you requested "
-                f"{len(self.prompt_ids) + max_tokens} tokens ({len(self.prompt_ids)} in the messages, {max_tokens} "
-                f"in the completion). Please reduce the length of the messages or completion.",
-                name,
-                "context_length_exceeded",
-            )
-        temperature = _number(body, "temperature", 0.0, 2.0)
-        top_p = _number(body, "top_p", 0.0, 1.0, low_inclusive=False)
-        seed = _integer(body, "seed")
-        defaults = SamplingParams()
-        self.params = SamplingParams(
-            max_new_tokens=max_tokens or min(defaults.max_new_tokens, room),
-            do_sample=(temperature is not None or top_p is not None) and temperature != 0.0,
-            temperature=defaults.temperature if temperature is None else temperature,
-            top_p=defaults.top_p if top_p is None else top_p,
-            seed=seed,
-            stop=_stop(body),
-        )
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool) and stream is not None:
-            raise APIError(400, f"'stream' must be true or false, got {json.dumps(stream)}", "stream")
-        self.stream = bool(stream)
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict):
-            raise APIError(400, "'stream_options' must be an object", "stream_options")
-        self.include_usage = bool(options.get("include_usage"))
-
-
-# ---------------------------------------------------------------------------------------------------- the app
-
-
-def _usage(generation: Generation) -> dict[str, int]:
-    prompt, completion = generation.prompt_tokens, generation.completion_tokens
+def _usage(prompts: list[list[int]], generations: list[Generation]) -> dict[str, int]:
+    prompt = sum(len(ids) for ids in prompts)  # each prompt counted once, however many answers it gets
+    completion = sum(g.completion_tokens for g in generations)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -206,24 +62,170 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-async def _read_body(request: Request) -> Any:
-    raw = await request.body()
+def _token_text(engine: Engine, token: int) -> str:
+    return engine.tokenizer.decode([token])
+
+
+def _chat_logprobs(engine: Engine, entries: list[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs``: per token its text, bytes, log-probability and the top alternatives."""
+
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(engine, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(
+    engine: Engine, entries: list[TokenLogprob | None], offset: int = 0
+) -> tuple[dict[str, Any], int]:
+    """The legacy ``logprobs`` (tokens, token_logprobs, top_logprobs, text_offset) and the offset after them.
+
+    A prompt's first token has no log-probability (None), as OpenAI's. Offsets count the tokens' own texts.
+    """
+    out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for entry in entries:
+        if entry is None:
+            continue
+        text = _token_text(engine, entry.token)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(entry.logprob)
+        out["top_logprobs"].append({_token_text(engine, t): lp for t, lp in entry.top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out, offset
+
+
+def _with_first_prompt_token(
+    engine: Engine, ids: list[int], entries: list[TokenLogprob | None]
+) -> dict[str, Any]:
+    """The echoed prompt's logprobs, its first token (which has no log-probability) included as None."""
+    rest, _ = _completion_logprobs(engine, entries[1:], len(_token_text(engine, ids[0])))
+    first = _token_text(engine, ids[0])
+    return {
+        "tokens": [first, *rest["tokens"]],
+        "token_logprobs": [None, *rest["token_logprobs"]],
+        "top_logprobs": [None, *rest["top_logprobs"]],
+        "text_offset": [0, *rest["text_offset"]],
+    }
+
+
+def _joined(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
+    """Two legacy logprobs blocks as one (b's offsets already continue a's)."""
+    return b if a is None else {key: a[key] + b[key] for key in a}
+
+
+def _end(block: dict[str, Any] | None) -> int:
+    """The text offset after a legacy logprobs block."""
+    return block["text_offset"][-1] + len(block["tokens"][-1]) if block and block["tokens"] else 0
+
+
+async def _read_body(request: Request, limits: RequestLimits) -> Any:
+    """The JSON body, read no further than the limit allows (413 past it)."""
+    too_large = APIError(
+        413,
+        f"the request body is larger than {limits.max_body_bytes} bytes, more than "
+        f"MAX_REQUEST_CHARS={limits.max_chars} characters could need",
+        code="request_too_large",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise too_large
+        chunks.append(chunk)
     try:
-        return json.loads(raw)
+        return json.loads(b"".join(chunks))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise APIError(400, f"the request body is not valid JSON ({err})") from err
 
 
-async def _cancel_on_disconnect(request: Request, generation: Generation) -> None:
-    """Poll for the client going away during a non-streamed answer, and free its batch slot if it does."""
-    while generation.finish_reason is None:
-        if await request.is_disconnected():
+def _submit(engine: Engine, prompts: list[list[int]], settings: CommonSettings) -> list[Generation]:
+    """n generations per prompt, choice ``p * n + i``; all queued at once, so they are decoded in one batch."""
+    loop = asyncio.get_running_loop()
+    generations: list[Generation] = []
+    try:
+        for ids in prompts:
+            for i in range(settings.n):
+                generations.append(engine.submit(ids, settings.prefix, settings.choice_params(i), loop=loop))
+    except ValueError as err:
+        for generation in generations:
             generation.cancel()
+        raise APIError(400, str(err)) from err
+    return generations
+
+
+async def _events(generations: list[Generation]) -> AsyncIterator[tuple[int, str | None | Exception]]:
+    """(choice, delta) as the generations produce them; (choice, None) when one ends, (choice, error) if it fails.
+    Leaving early (a client gone) cancels every generation."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for delta in generation:
+                await queue.put((index, delta))
+            await queue.put((index, None))
+        except RuntimeError as err:
+            await queue.put((index, err))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        ended = 0
+        while ended < len(generations):
+            index, item = await queue.get()
+            ended += not isinstance(item, str)
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for generation in generations:
+            generation.cancel()  # a no-op once finished; frees the batch slot of a client that went away
+
+
+async def _texts(request: Request, generations: list[Generation]) -> list[str]:
+    """Every generation's whole text; a client that goes away meanwhile cancels them."""
+    texts = [""] * len(generations)
+    events = _events(generations)
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, generations))
+    try:
+        async for index, item in events:
+            if isinstance(item, Exception):
+                raise APIError(500, str(item), type="server_error")
+            texts[index] += item or ""
+    finally:
+        await events.aclose()
+        watcher.cancel()
+    return texts
+
+
+async def _cancel_on_disconnect(request: Request, generations: list[Generation]) -> None:
+    """Poll for the client going away during a non-streamed answer, and free its batch slots if it does."""
+    while any(g.finish_reason is None for g in generations):
+        if await request.is_disconnected():
+            for generation in generations:
+                generation.cancel()
             return
         await asyncio.sleep(0.1)
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+def _streaming(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- the app
+
+
+def create_app(engine: Engine, api_key: str | None = None, limits: RequestLimits | None = None) -> FastAPI:
+    limits = limits or RequestLimits.for_engine(engine)
+
     async def require_api_key(request: Request) -> None:
         if not api_key:
             return
@@ -244,16 +246,17 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
-        return err.response()
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return APIError(err.status_code, str(err.detail), type=kind).response()
+        return await api_error(request, APIError(err.status_code, str(err.detail), type=kind))
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-        return APIError(400, str(err)).response()
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        return await api_error(request, APIError(400, str(err)))
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": created, "owned_by": "ptuning_v2"}
@@ -276,72 +279,164 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        chat = ChatRequest(engine, await _read_body(request))
-        try:
-            generation = engine.submit(
-                chat.prompt_ids, chat.prefix, chat.params, loop=asyncio.get_running_loop()
-            )
-        except ValueError as err:
-            raise APIError(400, str(err)) from err
-        reply_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if chat.stream:
-            return StreamingResponse(
-                _stream(generation, chat, reply_id),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
-        try:
-            text = "".join([delta async for delta in generation])
-        except RuntimeError as err:
-            raise APIError(500, str(err), type="server_error") from err
-        finally:
-            generation.cancel()  # a no-op once finished; frees the slot if this handler was cancelled
-            watcher.cancel()
-        return {
-            "id": reply_id,
-            "object": "chat.completion",
+        body = await _read_body(request, limits)
+        # Rendering and tokenizing run off the event loop, so a long conversation does not stall other streams.
+        chat = await run_in_threadpool(ChatRequest, engine, body, limits)
+        generations = _submit(engine, [chat.prompt_ids], chat.settings)
+        reply = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
-            "model": chat.model,
-            "choices": [
+            "model": chat.settings.model,
+        }
+        logprobs = chat.settings.params.logprobs is not None
+        if chat.settings.stream:
+            return _streaming(_chat_stream(engine, generations, chat, reply))
+        texts = await _texts(request, generations)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": _chat_logprobs(engine, g.logprobs) if logprobs else None,
+                "finish_reason": g.finish_reason,
+            }
+            for i, (g, text) in enumerate(zip(generations, texts))
+        ]
+        usage = _usage([chat.prompt_ids], generations)
+        return {
+            **reply,
+            "object": "chat.completion",
+            "choices": choices,
+            "usage": usage,
+            "system_fingerprint": None,
+        }
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _read_body(request, limits)
+        job = await run_in_threadpool(CompletionRequest, engine, body, limits)
+        generations = _submit(engine, job.prompt_ids, job.settings)
+        reply = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": job.settings.model}
+        if job.settings.stream:
+            return _streaming(_completion_stream(engine, generations, job, reply))
+        texts = await _texts(request, generations)
+        choices = []
+        for i, (generation, text) in enumerate(zip(generations, texts)):
+            head, logprobs = _echo(engine, job, i, generation)
+            if job.settings.params.logprobs is not None:
+                answer, _ = _completion_logprobs(engine, generation.logprobs, _end(logprobs))
+                logprobs = _joined(logprobs, answer)
+            choices.append(
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
+                    "index": i,
+                    "text": head + text,
+                    "logprobs": logprobs,
                     "finish_reason": generation.finish_reason,
                 }
-            ],
-            "usage": _usage(generation),
+            )
+        usage = _usage(job.prompt_ids, generations)
+        return {
+            **reply,
+            "object": "text_completion",
+            "choices": choices,
+            "usage": usage,
             "system_fingerprint": None,
         }
 
     return app
 
 
-async def _stream(generation: Generation, chat: ChatRequest, reply_id: str) -> AsyncIterator[str]:
-    """``chat.completion.chunk`` events; a client that disconnects cancels this generator, and so the request."""
-    base = {
-        "id": reply_id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": chat.model,
-    }
+def _echo(
+    engine: Engine, job: CompletionRequest, choice: int, generation: Generation
+) -> tuple[str, dict[str, Any] | None]:
+    """What an echoing choice starts with: its prompt's text and, with logprobs, the prompt tokens' logprobs."""
+    if not job.echo:
+        return "", None
+    prompt = choice // job.settings.n
+    if job.settings.params.logprobs is None:
+        return job.prompt_texts[prompt], None
+    ids = job.prompt_ids[prompt]
+    return job.prompt_texts[prompt], _with_first_prompt_token(engine, ids, generation.prompt_logprobs)
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+async def _chat_stream(
+    engine: Engine, generations: list[Generation], chat: ChatRequest, reply: dict[str, Any]
+) -> AsyncIterator[str]:
+    """``chat.completion.chunk`` events; a client that disconnects cancels this generator, and so the request."""
+    base = {**reply, "object": "chat.completion.chunk"}
+    logprobs = chat.settings.params.logprobs is not None
+    sent = [0] * len(generations)  # logprob entries already sent, per choice
+
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None) -> str:
+        entries = None
+        if logprobs:
+            new = generations[index].logprobs[sent[index] :]
+            sent[index] += len(new)
+            entries = _chat_logprobs(engine, new)
+        choice = {"index": index, "delta": delta, "logprobs": entries, "finish_reason": finish_reason}
         return _sse({**base, "choices": [choice]})
 
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        async for delta in generation:
-            yield chunk({"content": delta})
-        yield chunk({}, generation.finish_reason)
-        if chat.include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(generation)})
-    except RuntimeError as err:  # the batch failed: tell the client in the stream, as OpenAI does
-        yield _sse(APIError(500, str(err), type="server_error").body())
-    finally:
-        generation.cancel()  # a no-op once finished; frees the batch slot of a client that went away
+    for index in range(len(generations)):
+        yield _sse(
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": index,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+            }
+        )
+    async for index, item in _events(generations):
+        if isinstance(item, Exception):  # the batch failed: tell the client in the stream, as OpenAI does
+            yield _sse(APIError(500, str(item), type="server_error").body())
+            break
+        yield (
+            chunk(index, {"content": item})
+            if item is not None
+            else chunk(index, {}, generations[index].finish_reason)
+        )
+    else:
+        if chat.settings.include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage([chat.prompt_ids], generations)})
+    yield _sse("[DONE]")
+
+
+async def _completion_stream(
+    engine: Engine, generations: list[Generation], job: CompletionRequest, reply: dict[str, Any]
+) -> AsyncIterator[str]:
+    """``text_completion`` events: the echoed prompt first (per choice), then the answer's deltas."""
+    base = {**reply, "object": "text_completion"}
+    logprobs = job.settings.params.logprobs is not None
+    sent = [0] * len(generations)
+    offsets = [0] * len(generations)
+    echoed = [False] * len(generations)
+
+    def chunk(index: int, text: str, finish_reason: str | None = None) -> str:
+        entries = None
+        if not echoed[index]:  # the prompt's logprobs are there from the prefill on
+            echoed[index] = True
+            head, entries = _echo(engine, job, index, generations[index])
+            text = head + text
+            offsets[index] = _end(entries)
+        if logprobs:
+            new = generations[index].logprobs[sent[index] :]
+            sent[index] += len(new)
+            block, offsets[index] = _completion_logprobs(engine, new, offsets[index])
+            entries = block if entries is None else _joined(entries, block)
+        choice = {"index": index, "text": text, "logprobs": entries, "finish_reason": finish_reason}
+        return _sse({**base, "choices": [choice]})
+
+    async for index, item in _events(generations):
+        if isinstance(item, Exception):
+            yield _sse(APIError(500, str(item), type="server_error").body())
+            break
+        yield chunk(index, item) if item is not None else chunk(index, "", generations[index].finish_reason)
+    else:
+        if job.settings.include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(job.prompt_ids, generations)})
     yield _sse("[DONE]")
 
 
@@ -362,6 +457,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max_batch_size", type=int, default=16)
     parser.add_argument("--batch_wait_ms", type=float, default=10.0)
+    parser.add_argument(
+        "--max_request_messages",
+        type=int,
+        default=None,
+        help=f"messages (or prompts) per request; default: what fits the context, at most {MAX_MESSAGES_CAP}",
+    )
+    parser.add_argument(
+        "--max_request_chars",
+        type=int,
+        default=None,
+        help="characters per request; default: the context times the tokenizer's longest token",
+    )
     parser.add_argument("--log_level", default="info")
     return parser.parse_args(argv)
 
@@ -377,14 +484,18 @@ def main(argv: list[str] | None = None) -> None:
     # The key comes from the environment, not argv, so it does not show in the process list.
     api_key = os.environ.get(API_KEY_ENV) or None
     engine = Engine.load(args.model, prefixes, args.quantization_bit, args.max_batch_size, args.batch_wait_ms)
+    limits = RequestLimits.for_engine(engine, args.max_request_messages, args.max_request_chars)
     served = ", ".join(f"{name} ({engine.prefixes[name].path})" for name in engine.prefix_names) or "none"
     print(
         f"serving {engine.model_name} with prefixes: {served}; http://{args.host}:{args.port}/v1"
-        + (" (API key required)" if api_key else ""),
+        + (" (API key required)" if api_key else "")
+        + f"; at most {limits.max_messages} messages and {limits.max_chars} characters per request",
         flush=True,
     )
     try:
-        uvicorn.run(create_app(engine, api_key), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(
+            create_app(engine, api_key, limits), host=args.host, port=args.port, log_level=args.log_level
+        )
     finally:
         engine.close()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,21 @@ from ..generation import stop_token_ids
 from ..loading import load_model, load_tokenizer, quantization_config
 from ..methods import METHODS, read_checkpoint
 from .batch import Batch
-from .requests import Channel, Completion, Generation, Request, RequestQueue, SamplingParams, check_messages
-from .sampling import Detokenizer, next_tokens
+from .requests import (
+    Channel,
+    Completion,
+    Generation,
+    Request,
+    RequestQueue,
+    SamplingParams,
+    TokenLogprob,
+    check_messages,
+)
+from .sampling import Detokenizer, next_tokens, token_logprob
 from .tables import PrefixTable, load_prefix_table
 
 # The names other modules import from here, wherever they are defined now.
-__all__ = ["Completion", "Engine", "Generation", "PrefixTable", "SamplingParams"]
+__all__ = ["Completion", "Engine", "Generation", "PrefixTable", "SamplingParams", "TokenLogprob"]
 
 # generation_prompt_ids cuts long prompts to this many tokens; the engine wants them whole so that a prompt too
 # long for the context is refused, not silently shortened.
@@ -69,6 +79,7 @@ class Engine:
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.device = model.get_input_embeddings().weight.device
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self._cache_argument = cache_argument(model)
         self._keep_last = "logits_to_keep" in _forward_parameters(model)
         # For tests, benchmarks and /health: prefill forwards, decoding steps, the most rows decoded together,
@@ -153,6 +164,11 @@ class Engine:
         params.check()
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        outside = [t for t in [*prompt_ids, *params.logit_bias] if not 0 <= t < self.vocab_size]
+        if outside:
+            raise ValueError(
+                f"token id {outside[0]} is outside this model's vocabulary (0..{self.vocab_size - 1})"
+            )
         if len(prompt_ids) >= self.context_length:
             raise ValueError(
                 f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.context_length} "
@@ -190,6 +206,7 @@ class Engine:
             generation.completion_tokens,
             generation.finish_reason,
             generation.token_ids,
+            generation.logprobs,
         )
 
     def close(self) -> None:
@@ -218,8 +235,9 @@ class Engine:
             live = [r for r in new if not self._finish_if_cancelled(r)]
             try:
                 with torch.inference_mode():
-                    if live:
-                        batch = Batch.merge(batch, self._prefill(live))
+                    new_batch = self._prefill(live) if live else None
+                    if new_batch is not None:
+                        batch = Batch.merge(batch, new_batch)
                     if batch is not None:
                         batch = self._step(batch)
                 self.stats["running"] = batch.size if batch else 0
@@ -237,22 +255,42 @@ class Engine:
             return True
         return False
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+    def _forward(
+        self, input_ids, attention_mask, position_ids, cache, every_position: bool = False
+    ) -> torch.Tensor:
+        """The last position's logits, or every position's (``(B, T, V)``) for scoring a prompt."""
         kwargs = {self._cache_argument: cache, "use_cache": True}
-        if self._keep_last:
+        if self._keep_last and not every_position:
             kwargs["logits_to_keep"] = 1
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
         )
         assert output_cache(out) is cache  # the cache grew in place; the batch keeps using it
-        return out.logits[:, -1, :].float()
+        return out.logits.float() if every_position else out.logits[:, -1, :].float()
 
-    def _prefill(self, requests: list[Request]) -> Batch:
-        """Run the prompts of newly arrived requests and pick their first tokens."""
+    def _prefill(self, requests: list[Request]) -> Batch | None:
+        """Run the prompts of newly arrived requests and pick their first tokens.
+
+        A request that scores its prompt runs alone (no padding), keeping every position's logits; one that
+        asks for no new tokens ends there.
+        """
+        plain = [r for r in requests if r.params.prompt_logprobs is None]
         # self._forward is looked up at each call: a test may slow it down while the engine runs.
-        batch, logits = Batch.prefill(requests, self._forward, self.pad_id, self.device, self.model.config)
-        self.stats["prefills"] += 1
-        batch.next_tokens = next_tokens(logits, batch.rows)
+        groups = [(plain, self._forward)] if plain else []
+        scoring = [r for r in requests if r.params.prompt_logprobs is not None]
+        groups += [([r], partial(self._forward, every_position=True)) for r in scoring]
+        batch = None
+        for rows, forward in groups:
+            new, logits = Batch.prefill(rows, forward, self.pad_id, self.device, self.model.config)
+            self.stats["prefills"] += 1
+            if logits.dim() == 3:
+                rows[0].out.prompt_logprobs[:] = _prompt_logprobs(logits[0], rows[0])
+                logits = logits[:, -1, :]
+            new.next_tokens = next_tokens(logits, new.rows)
+            if rows[0].params.max_new_tokens == 0:  # only a scoring request asks for nothing new
+                self._text.finish(rows[0], "length")
+                continue
+            batch = Batch.merge(batch, new)
         return batch
 
     def _step(self, batch: Batch) -> Batch | None:
@@ -271,6 +309,13 @@ class Engine:
         self.stats["max_rows"] = max(self.stats["max_rows"], batch.size)
         batch.next_tokens = next_tokens(logits, batch.rows)
         return batch
+
+
+def _prompt_logprobs(logits: torch.Tensor, request: Request) -> list[TokenLogprob | None]:
+    """Each prompt token's log-probability given the tokens before it (and the prefix); none for the first."""
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)
+    top = request.params.prompt_logprobs
+    return [None] + [token_logprob(logprobs[i], token, top) for i, token in enumerate(request.ids[1:])]
 
 
 def _backbone_checkpoint(

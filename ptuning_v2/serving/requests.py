@@ -27,13 +27,26 @@ class SamplingParams:
     top_p: float = GenerationSettings.top_p
     seed: int | None = None  # per request: same seed -> same sample, whatever else is in the batch
     stop: list[str] = field(default_factory=list)
+    # OpenAI's: minus frequency_penalty per earlier occurrence in the answer, minus presence_penalty once.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM's and transformers': logits of tokens seen in the prompt or the answer divided (>0) or multiplied.
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    # Log-probabilities of the model's own distribution (before penalties, bias and temperature):
+    # None for none, k >= 0 for the chosen token's and the k likeliest alternatives'.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def check(self) -> None:
         """ValueError naming the first bad field."""
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise ValueError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise ValueError(
+                f"max_new_tokens must be at least 1 (0 only to score the prompt, with prompt_logprobs), "
+                f"got {self.max_new_tokens}"
+            )
         if not 0.0 <= float(self.temperature) <= 100.0:
             raise ValueError(f"temperature must be between 0 and 100, got {self.temperature}")
         if not 0.0 < float(self.top_p) <= 1.0:
@@ -42,6 +55,24 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not float(self.repetition_penalty) > 0:
+            raise ValueError(f"repetition_penalty must be above 0, got {self.repetition_penalty}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be None or an integer >= 0, got {value!r}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or (
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.repetition_penalty,
+        ) != (
+            0.0,
+            0.0,
+            1.0,
+        )
 
 
 def check_messages(messages: Any) -> list[dict[str, str]]:
@@ -60,12 +91,22 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
 
 
 @dataclass
+class TokenLogprob:
+    """One token's log-probability and the likeliest alternatives' at its position, ``(token id, logprob)``."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length" | "cancelled"
     token_ids: list[int] = field(default_factory=list)  # generated, without the stop token
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked
 
 
 _END = object()
@@ -79,6 +120,10 @@ class Channel:
         self.events: Any = queue.SimpleQueue() if loop is None else asyncio.Queue()
         self.finish_reason: str | None = None
         self.token_ids: list[int] = []
+        # Appended by the worker before the text delta that carries the token is put, so a reader that got a
+        # delta finds its tokens' entries here.
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] = []  # the first prompt token has none
 
     def put(self, item: Any) -> None:
         if self.loop is None:
@@ -120,6 +165,16 @@ class Generation:
     def token_ids(self) -> list[int]:
         """The generated token ids (without the stop token), once finished."""
         return self._channel.token_ids
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        """One entry per generated token so far (``SamplingParams.logprobs``), in order."""
+        return self._channel.logprobs
+
+    @property
+    def prompt_logprobs(self) -> list[TokenLogprob | None]:
+        """One entry per prompt token (None for the first), once the prompt ran (``prompt_logprobs``)."""
+        return self._channel.prompt_logprobs
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -166,6 +221,7 @@ class Request:
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the answer already emitted
+    pending: TokenLogprob | None = None  # the next token's log-probabilities, kept if the token is
 
 
 class RequestQueue:

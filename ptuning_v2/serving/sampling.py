@@ -8,19 +8,60 @@ from typing import Any
 
 import torch
 
-from .requests import Request
+from .requests import Request, SamplingParams, TokenLogprob
 
 
 def next_tokens(logits: torch.Tensor, rows: list[Request]) -> list[int]:
-    """Greedy rows by argmax; sampling rows with temperature, top_p and their own generator."""
+    """Greedy rows by argmax; sampling rows with temperature, top_p and their own generator; bias and penalties
+    first where a row asks for them. A row that asks for log-probabilities gets them (of the model's own
+    distribution) in ``pending``, for the Detokenizer to keep if the token is kept."""
     chosen = logits.argmax(dim=-1).tolist()
     for row, request in enumerate(rows):
-        if request.generator is None:
-            continue
-        scores = logits[row] / request.params.temperature
-        probs = torch.softmax(_top_p(scores, request.params.top_p), dim=-1)
-        chosen[row] = int(torch.multinomial(probs, 1, generator=request.generator))
+        params = request.params
+        scores = logits[row]
+        if params.adjusts_logits:
+            scores = adjusted_logits(scores, params, request.ids, request.tokens)
+            chosen[row] = int(scores.argmax())
+        if request.generator is not None:
+            probs = torch.softmax(_top_p(scores / params.temperature, params.top_p), dim=-1)
+            chosen[row] = int(torch.multinomial(probs, 1, generator=request.generator))
+        if params.logprobs is not None:
+            request.pending = token_logprob(
+                torch.log_softmax(logits[row], dim=-1), chosen[row], params.logprobs
+            )
     return chosen
+
+
+def adjusted_logits(
+    scores: torch.Tensor, params: SamplingParams, prompt: list[int], answer: list[int]
+) -> torch.Tensor:
+    """One row's logits after ``logit_bias``, ``repetition_penalty`` (prompt and answer tokens) and OpenAI's
+    ``frequency_penalty`` / ``presence_penalty`` (answer tokens)."""
+    scores = scores.clone()
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=scores.device)
+        scores[ids] += torch.tensor(
+            list(params.logit_bias.values()), device=scores.device, dtype=scores.dtype
+        )
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt) | set(answer)), device=scores.device, dtype=torch.long)
+        picked = scores[seen]
+        penalty = params.repetition_penalty
+        scores[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    if answer and (params.frequency_penalty or params.presence_penalty):
+        counts = torch.bincount(torch.tensor(answer, device=scores.device), minlength=scores.shape[-1])
+        counts = counts[: scores.shape[-1]].to(scores.dtype)
+        scores -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(scores.dtype)
+    return scores
+
+
+def token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s entry in one position's log-probabilities, with the ``top`` likeliest alternatives."""
+    alternatives: list[tuple[int, float]] = []
+    if top:
+        values, ids = logprobs.topk(min(top, logprobs.shape[-1]))
+        alternatives = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), alternatives)
 
 
 class Detokenizer:
@@ -44,6 +85,9 @@ class Detokenizer:
         if token in self.stop_ids:
             return self.finish(request, "stop")
         request.tokens.append(token)
+        if request.pending is not None:
+            request.out.logprobs.append(request.pending)
+            request.pending = None
         text = self.tokenizer.decode(request.tokens, skip_special_tokens=True).lstrip()
         cut = _first_stop(text, request.params.stop)
         if cut is not None:
