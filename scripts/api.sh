@@ -44,5 +44,5 @@ if [[ -n "${API_KEY:-}" ]]; then
 fi
 
 CMD=(python -m ptuning_v2.serving.api "${ARGS[@]}" "${PASSTHROUGH[@]}")
-echo "+ ${CMD[*]}"
+print_command "${CMD[@]}"
 exec "${CMD[@]}"

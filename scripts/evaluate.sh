@@ -49,7 +49,7 @@ pass_flags "MAX_NEW_TOKENS=max_new_tokens MAX_SOURCE_LENGTH=max_source_length MA
 DO_SAMPLE=do_sample TOP_P=top_p TEMPERATURE=temperature PROMPT_COLUMN=prompt_column RESPONSE_COLUMN=response_column"
 
 CMD=(python -m ptuning_v2.evaluate "${ARGS[@]}" "${PASSTHROUGH[@]}")
-echo "+ ${CMD[*]}"
+print_command "${CMD[@]}"
 "${CMD[@]}"
 echo "+ python evaluate/rouge.py --predictions $OUTPUT_DIR/generated_predictions.txt --task $TASK --bleu $BLEU"
 python evaluate/rouge.py --predictions "$OUTPUT_DIR/generated_predictions.txt" --task "$TASK" --bleu "$BLEU"

@@ -91,3 +91,13 @@ check_file() {
   [[ -d "$value" ]] && fail "$name=$value is a directory, not a file"
   [[ -f "$value" ]] || fail "$name=$value: no such file"
 }
+
+# print_command WORD...: "+ " and the command, each word quoted only where the shell needs it (an empty
+# setting, a path with spaces), so the line can be pasted back as it is.
+print_command() {
+  local word line="+"
+  for word in "$@"; do
+    if [[ -n "$word" && "$word" =~ ^[][A-Za-z0-9_./:=,+@%^-]+$ ]]; then line+=" $word"; else line+=" ${word@Q}"; fi
+  done
+  echo "$line"
+}

@@ -8,6 +8,7 @@
 #   bash scripts/train_pt2.sh TRAIN_FILE=data/ner/train.json,data/sentiment/train.json   # one prefix, a task mix
 #   NUM_GPUS=2 DS_CONFIG=ds_configs/zero2.json bash scripts/train_pt2.sh ...   (KEY=VALUE may also come from the env)
 #   An OUTPUT_DIR that holds an earlier run is refused: RESUME=true continues it, OVERWRITE=true moves it aside.
+#   DRY_RUN=true checks the settings, prints the memory plan and the command, and trains nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +24,7 @@ MAX_NEW_TOKENS=max_new_tokens QUANTIZATION_BIT=quantization_bit TORCH_DTYPE=torc
 PROMPT_COLUMN=prompt_column RESPONSE_COLUMN=response_column HISTORY_COLUMN=history_column
 MAX_EVAL_SAMPLES=max_eval_samples COMPARE_WITH_BASE=compare_with_base LOGGING_STEPS=logging_steps
 OVERWRITE=overwrite_output_dir TASK_TYPE=task_type"
-KEYS="CONFIG RESUME NUM_GPUS DS_CONFIG HOSTFILE MASTER_PORT $(for pair in $FLAGS; do printf '%s ' "${pair%%=*}"; done)"
+KEYS="CONFIG RESUME NUM_GPUS DS_CONFIG HOSTFILE MASTER_PORT DRY_RUN $(for pair in $FLAGS; do printf '%s ' "${pair%%=*}"; done)"
 source scripts/lib.sh
 parse_overrides "$KEYS" "$@"
 
@@ -44,7 +45,7 @@ is_set LR && check_number LR 0 ""
 for key in PREFIX_DROPOUT LORA_ALPHA LORA_DROPOUT; do
   is_set "$key" && check_number "$key" "" ""
 done
-for key in PREFIX_PROJECTION COMPARE_WITH_BASE OVERWRITE; do
+for key in PREFIX_PROJECTION COMPARE_WITH_BASE OVERWRITE DRY_RUN; do
   is_set "$key" && check_bool "$key"
 done
 # shellcheck disable=SC2046 # the catalog's names, one word each
@@ -116,5 +117,6 @@ if plan=$(python -m ptuning_v2.plan --ignore_unknown_args --summary --num_gpus "
 fi
 
 CMD=("${LAUNCH[@]}" "${ARGS[@]}" "${PASSTHROUGH[@]}")
-echo "+ ${CMD[*]}"
+print_command "${CMD[@]}"
+[[ "${DRY_RUN:-false}" == true ]] && exit 0
 exec "${CMD[@]}"

@@ -40,5 +40,5 @@ export GRADIO_ANALYTICS_ENABLED=False HF_HUB_DISABLE_TELEMETRY=1
 export NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,$NO_PROXY}" no_proxy="127.0.0.1,localhost${no_proxy:+,$no_proxy}"
 
 CMD=(python -m ptuning_v2.serving.web_demo "${ARGS[@]}" "${PASSTHROUGH[@]}")
-echo "+ ${CMD[*]}"
+print_command "${CMD[@]}"
 exec "${CMD[@]}"
