@@ -3,10 +3,7 @@ load_model loads it back, the chat answers with it, and its trainable parameters
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -15,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from script_runs import train_through_script
 from test_train import ner_rows, write_jsonl
 from tiny_models import save_tiny_backbone
 from torch import nn
@@ -60,24 +58,12 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def train_script(workdir: Path, out: Path, method: str, *extra: str) -> str:
-    """Train through scripts/train_pt2.sh: the script checks the settings and writes the command (DRY_RUN), which
-    then runs in this process (a training process would spend most of its time importing); its output."""
-    command = [
-        "bash", str(ROOT / "scripts/train_pt2.sh"), "DRY_RUN=true",
+    return train_through_script(
         f"MODEL={workdir / 'model'}", f"TRAIN_FILE={workdir / 'train.json'}", "VALIDATION_FILE=",
         f"OUTPUT_DIR={out}", f"METHOD={method}", f"PRE_SEQ_LEN={P}", "MAX_STEPS=4", "SAVE_STEPS=2",
         "BATCH_SIZE=4", "LOGGING_STEPS=1", "MAX_SOURCE_LENGTH=32", "MAX_TARGET_LENGTH=24", "SEED=3",
         *METHOD_SETTINGS[method], *extra, "--report_to", "none",
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("+ "))
-    launch, argv = shlex.split(line[2:])[:3], shlex.split(line[2:])[3:]
-    assert launch == ["python", "-m", "ptuning_v2.train"] and not out.exists()  # a dry run trains nothing
-    printed = io.StringIO()
-    with contextlib.chdir(ROOT), contextlib.redirect_stdout(printed):
-        train_main(argv)
-    return printed.getvalue()
+    )  # fmt: skip
 
 
 def saved_tensors(directory: Path, method: str) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from script_runs import train_through_script
 from test_train import ner_rows, write_jsonl
 from tiny_models import save_tiny_backbone
 
@@ -159,15 +160,13 @@ def test_bad_rows_name_file_and_line(tmp_path):
 # ---------------------------------------------------------------------------------------------- through the script
 
 
-def train_script(workdir: Path, out: Path, *settings: str) -> subprocess.CompletedProcess:
-    command = [
-        "bash", str(ROOT / "scripts/train_pt2.sh"), f"MODEL={workdir / 'model'}", f"OUTPUT_DIR={out}",
+def train_script(workdir: Path, out: Path, *settings: str) -> str:
+    """The script's settings check and command, run in this process; what both printed."""
+    return train_through_script(
+        f"MODEL={workdir / 'model'}", f"OUTPUT_DIR={out}",
         "PRE_SEQ_LEN=4", "MAX_STEPS=4", "SAVE_STEPS=2", "BATCH_SIZE=4", "LOGGING_STEPS=1", "SEED=3",
         "MAX_SOURCE_LENGTH=32", "MAX_TARGET_LENGTH=24", *settings, "--report_to", "none",
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -186,7 +185,7 @@ def test_head_trains_predicts_and_reloads_through_the_script(
         workdir, out, f"TASK_TYPE={task_type}", f"METHOD={method}", "LR=0.05", f"TRAIN_FILE={file}",
         f"VALIDATION_FILE={file}", f"TEST_FILE={file}", "COMPARE_WITH_BASE=true",
     )  # fmt: skip
-    assert "--compare_with_base skipped" in result.stdout
+    assert "--compare_with_base skipped" in result
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval"]["before"] is None and 0 <= results["eval"]["after"][metric] <= 100
     assert results["predict"][metric] == results["eval"]["after"][metric]  # same file, same head
@@ -259,7 +258,7 @@ def test_multi_task_prefix_then_warm_start_on_the_target(workdir, tmp_path):
     result = train_script(
         workdir, mix, f"TRAIN_FILE={files}", "VALIDATION_FILE=", "LR=0.3", "PREFIX_DROPOUT=0"
     )
-    assert "ner_gen.json," in result.stdout and "tokenized 32 examples" in result.stdout
+    assert "ner_gen.json," in result and "tokenized 32 examples" in result
     assert yaml.safe_load((mix / "run_config.yaml").read_text())["train_file"] == files
     # A learning rate of 1e-12 leaves the warm-started prefix where the mix left it; a fresh one is elsewhere.
     common = [f"TRAIN_FILE={workdir / 'ner_gen.json'}", "VALIDATION_FILE=", "LR=1e-12", "PREFIX_DROPOUT=0"]
