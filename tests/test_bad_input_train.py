@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from script_runs import train_through_script
 from test_train import ner_rows, train_args, write_jsonl
 from tiny_models import save_tiny_backbone
 from transformers.trainer_utils import get_last_checkpoint
@@ -148,9 +149,8 @@ def test_script_refuses_a_used_output_dir_and_overwrites_on_request(workdir, tmp
     line = one_error_line(refused)
     assert str(out) in line and "RESUME=true" in line and "OVERWRITE=true" in line
     assert steps_of(out) == [1, 2]
-    done = run("scripts/train_pt2.sh", *script_settings(workdir, out, "OVERWRITE=yes"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "--overwrite_output_dir true" in done.stdout
+    done = train_through_script(*script_settings(workdir, out, "OVERWRITE=yes"))  # in this process
+    assert "--overwrite_output_dir true" in done
     assert steps_of(out) == [2] and steps_of(next(out.glob("overwritten-*"))) == [1, 2]
 
 
