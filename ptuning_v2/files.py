@@ -14,14 +14,16 @@ Every writer of this project goes through these:
   sibling and ``os.replace``.
 
 Temporary names are hidden and carry ``.tmp-`` (``.old-`` for a directory being swapped out), so a leftover from
-a killed process is recognisable, and no two writers share one. Directories and files are created with the
-process's umask like any ``mkdir``/``open``, not owner-only as ``tempfile.mkdtemp``/``mkstemp`` would make them.
+a killed process is recognisable (:func:`intended_path` names what it stood for), and no two writers share one.
+Directories and files are created with the process's umask like any ``mkdir``/``open``, not owner-only as
+``tempfile.mkdtemp``/``mkstemp`` would make them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator, Sequence
@@ -34,6 +36,7 @@ __all__ = [
     "atomic_open",
     "atomic_write_bytes",
     "atomic_write_text",
+    "intended_path",
     "json_type",
     "read_json_object",
     "swap_directory",
@@ -46,6 +49,16 @@ def _fresh_name(parent: Path, stem: str, kind: str) -> Path:
         path = parent / f".{stem}.{kind}-{secrets.token_hex(4)}"
         if not os.path.lexists(path):
             return path
+
+
+_TEMPORARY = re.compile(r"\.(?P<stem>.+)\.(?:tmp|old)-[0-9a-f]{8}")
+
+
+def intended_path(path: str | os.PathLike) -> Path:
+    """The path that a temporary name of this module stands for, in every component: a failed write reports
+    ``out/.checkpoint-4.tmp-1a2b3c4d/.x.json.tmp-5e6f7a8b`` as ``out/checkpoint-4/x.json``."""
+    parts = [match.group("stem") if (match := _TEMPORARY.fullmatch(p)) else p for p in Path(path).parts]
+    return Path(*parts)
 
 
 def _fresh_dir(parent: Path, stem: str) -> Path:
@@ -86,6 +99,13 @@ def _remove(path: Path) -> None:
             path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _name_the_target(err: BaseException, target: Path) -> None:
+    """A failed ``write()`` raises an OSError that names no file (``[Errno 28] No space left on device``): name
+    the file or directory being written, so that whoever reports the error can say which."""
+    if isinstance(err, OSError) and err.errno is not None and err.strerror and err.filename is None:
+        err.filename = str(target)
 
 
 def swap_directory(new: str | os.PathLike, target: str | os.PathLike) -> Path:
@@ -135,8 +155,9 @@ def atomic_directory(target: str | os.PathLike, *, replace: bool, last: Sequence
       makes a reader trust the others (a config naming the weights) in ``last``.
 
     If the ``with`` block raises (``KeyboardInterrupt`` too), the temporary directory is removed, and so are the
-    parent directories of ``target`` that this call created, and ``target`` is untouched. The temporary directory
-    is a hidden ``.{name}.tmp-*`` sibling of ``target``, so the final renames stay on one file system.
+    parent directories of ``target`` that this call created, and ``target`` is untouched (an OSError that names
+    no file, as a failed ``write()`` raises, is given ``target``'s name). The temporary directory is a hidden
+    ``.{name}.tmp-*`` sibling of ``target``, so the final renames stay on one file system.
     """
     target = Path(target)
     created = _make_parents(target.parent)
@@ -147,9 +168,10 @@ def atomic_directory(target: str | os.PathLike, *, replace: bool, last: Sequence
             swap_directory(tmp, target)
         else:
             _move_entries(tmp, target, tuple(last))
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_if_empty(created)
+        _name_the_target(err, target)
         raise
     shutil.rmtree(tmp, ignore_errors=True)  # already gone (replace) or empty (moved)
 
@@ -161,7 +183,8 @@ def atomic_open(
     """``open(path, mode)`` for writing, but into a hidden ``.{name}.tmp-*`` sibling renamed to ``path`` on success.
 
     ``mode`` is ``"w"`` or ``"wb"`` (``encoding`` and ``newline`` apply to text). On an error inside the block
-    the temporary file is removed and ``path`` is untouched. Parent directories are created as needed.
+    the temporary file is removed and ``path`` is untouched (an OSError that names no file is given ``path``'s
+    name). Parent directories are created as needed.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes a whole file: mode must be 'w' or 'wb', got {mode!r}")
@@ -184,9 +207,10 @@ def atomic_open(
         with f:
             yield f
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         _remove(tmp)
         _remove_if_empty(created)
+        _name_the_target(err, path)
         raise
 
 

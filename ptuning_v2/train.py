@@ -10,7 +10,9 @@ file may replace the flags.
 Every setting is checked before anything is loaded or written. A training run refuses an output directory that
 holds an earlier run unless told to resume it (``--resume_from_checkpoint``) or to start over
 (``--overwrite_output_dir``, which moves the earlier run aside). It stops, naming the step, on a non-finite loss, a
-prefix whose weights grow past ``--max_prefix_weight`` or a prefix gradient that stays exactly 0.
+prefix whose weights grow past ``--max_prefix_weight`` or a prefix gradient that stays exactly 0. A full or
+read-only disk during any of its writes ends it with one line naming the file system, what failed, the latest
+complete checkpoint and how to resume (``training.output.writing``).
 
 This file is the recipe; its parts live in ``ptuning_v2/training/``. A run, step by step (``main``):
 
@@ -38,12 +40,13 @@ from typing import Any
 
 import torch
 import transformers
+from tqdm import tqdm
 from transformers import set_seed
 
 from .files import atomic_write_text
 from .loading import load_model, load_tokenizer
 from .methods import attach_method, count_parameters, read_checkpoint, tuning_of
-from .training.output import OutputPlan, rotate_run_checkpoints, start_run
+from .training.output import OutputPlan, OutputWriteError, rotate_run_checkpoints, start_run, writing
 from .training.scoring import (
     conversations,
     evaluate_before_after,
@@ -67,6 +70,7 @@ from .training.trainer import (
 # written before the split name it as ptuning_v2.train's, and unpickle through it.
 __all__ = [
     "NonFiniteError",
+    "OutputWriteError",
     "PrefixTrainingArguments",
     "RunSettings",
     "SaturatedError",
@@ -122,11 +126,14 @@ def build_model(settings: RunSettings, **model_kwargs: Any) -> torch.nn.Module:
 
 
 def train(trainer: TuningTrainer, plan: OutputPlan) -> dict[str, Any]:
-    result = trainer.train(resume_from_checkpoint=plan.resume)
-    trainer.save_model()
     output_dir = Path(trainer.args.output_dir)
+    with writing(output_dir, "training"):  # TensorBoard logs; a checkpoint's save names itself
+        result = trainer.train(resume_from_checkpoint=plan.resume)
+    with writing(output_dir, "writing the final save (the trained weights in OUTPUT_DIR)"):
+        trainer.save_model()
     if trainer.args.process_index == 0:
-        curve = plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
+        with writing(output_dir, "plotting the loss curve (loss_curve.png)"):
+            curve = plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
         print(
             f"{tuning_of(trainer.model).name} checkpoint saved to {output_dir}; loss curve: {curve}",
             flush=True,
@@ -158,23 +165,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer = make_trainer(settings, model, tokenizer, datasets, score, labels)
 
     results: dict[str, Any] = {}
+    output_dir = Path(args.output_dir)
     evaluating = args.do_eval and datasets.eval_generate is not None
     before = None
     if evaluating and settings.data.compare_with_base and tuning_of(model).saves_backbone:
-        before = score(
-            "before", datasets.eval_generate
-        )  # full fine-tuning leaves no bare backbone afterwards
+        # Full fine-tuning leaves no bare backbone afterwards: score it first.
+        with writing(output_dir, "writing the backbone's predictions on the validation set"):
+            before = score("before", datasets.eval_generate)
     if args.do_train:
         results["train"] = train(trainer, plan)
     if evaluating:
-        results["eval"] = evaluate_before_after(settings, model, datasets, score, before)
+        with writing(output_dir, "writing the predictions and scores of the validation set"):
+            results["eval"] = evaluate_before_after(settings, model, datasets, score, before)
     if datasets.test is not None:
-        results["predict"] = score("predict", datasets.test)
+        with writing(output_dir, "writing the predictions of the test set"):
+            results["predict"] = score("predict", datasets.test)
     if args.process_index == 0:
-        atomic_write_text(
-            Path(args.output_dir) / "all_results.json",
-            json.dumps(results, indent=2, ensure_ascii=False, default=str),
-        )
+        with writing(output_dir, "writing all_results.json"):
+            atomic_write_text(
+                output_dir / "all_results.json",
+                json.dumps(results, indent=2, ensure_ascii=False, default=str),
+            )
     return results
 
 
@@ -182,7 +193,11 @@ def cli(argv: list[str] | None = None) -> int:
     """One ``error:`` line per problem and exit 1, instead of a traceback, for what a user can fix."""
     try:
         main(argv)
-    except (TrainingStopped, ValueError, OSError) as err:  # OSError: missing files, Hub/loading errors
+    # OutputWriteError: a full or read-only disk (an OSError too); OSError: missing files, Hub/loading errors
+    except (TrainingStopped, ValueError, OutputWriteError, OSError) as err:
+        # A progress bar that the failure left open would glue itself to the error line and redraw after it.
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

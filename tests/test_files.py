@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ from ptuning_v2.files import (
     atomic_open,
     atomic_write_bytes,
     atomic_write_text,
+    intended_path,
     read_json_object,
     swap_directory,
 )
@@ -357,3 +359,16 @@ def test_find_weight_files_without_weights(tmp_path):
     assert find_weight_files(tmp_path, required=False) == []
     with pytest.raises(WeightFileError, match="no weights found"):
         find_weight_files(tmp_path)
+
+
+def test_a_failed_write_names_the_file_it_was_for(tmp_path, monkeypatch):
+    """A full disk's write() error names no file; atomic_open gives it the file's name, not the temporary one."""
+    assert (
+        intended_path(tmp_path / ".ckpt.tmp-1a2b3c4d" / ".x.json.tmp-5e6f7a8b")
+        == tmp_path / "ckpt" / "x.json"
+    )
+    assert intended_path(tmp_path / ".hidden" / "x.json") == tmp_path / ".hidden" / "x.json"
+    with pytest.raises(OSError) as err, atomic_open(tmp_path / "out.txt") as f:
+        f.write("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert err.value.filename == str(tmp_path / "out.txt") and _leftovers(tmp_path) == []

@@ -1,9 +1,11 @@
 """The output directory and the checkpoint to resume: checked before anything is loaded (``plan_output_dir``),
-an earlier run moved aside where told to (``OutputPlan``), the run's own checkpoints rotated, and ``start_run``,
-which does all of it before a run loads anything."""
+an earlier run moved aside where told to (``OutputPlan``), the run's own checkpoints rotated, ``start_run``,
+which does all of it before a run loads anything, and ``writing``: a write that the file system refuses (full,
+read-only, not writable) ends the run with one line that says what failed and how to go on."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -11,6 +13,8 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from accelerate import PartialState
 from transformers import get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from ..files import intended_path
 from ..spellings import BOOLEAN_WORDS
 from .settings import (
     RUN_CONFIG,
@@ -101,16 +106,27 @@ def _learning_rate_at(args: PrefixTrainingArguments, total_steps: int, step: int
 
 
 def _check_resumed_schedule(args: PrefixTrainingArguments, checkpoint: Path, is_main: bool) -> int:
-    """Refuse a resume with nothing left to train; warn when another --max_steps bends the schedule. The step."""
+    """Refuse a resume past --max_steps; warn when another --max_steps bends the schedule. The step.
+
+    A resume at exactly --max_steps trains nothing and finishes the run from the checkpoint (final save, loss
+    curve, scores): what a run needs whose disk filled up after its last checkpoint."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     step, planned = int(state.get("global_step", 0)), int(state.get("max_steps", 0))
     if args.max_steps <= 0:
         return step
-    if step >= args.max_steps:
+    if step > args.max_steps:
         raise SettingsError(
             f"--resume_from_checkpoint {checkpoint} is at step {step} and --max_steps is {args.max_steps}: "
             f"nothing is left to train. Raise --max_steps (MAX_STEPS) above {step}"
         )
+    if step == args.max_steps:
+        if is_main:
+            print(
+                f"note: {checkpoint} is at step {step}, the run's last (--max_steps {args.max_steps}): nothing is "
+                "trained, the run is finished from it (final save, loss curve, scores)",
+                flush=True,
+            )
+        return step
     if planned <= 0 or planned == args.max_steps:
         return step
     before, after = _learning_rate_at(args, planned, step), _learning_rate_at(args, args.max_steps, step)
@@ -217,9 +233,11 @@ def start_run(settings: RunSettings) -> OutputPlan:
     state = PartialState()
     state.wait_for_everyone()  # every process has read the output directory before it changes
     if args.should_save:
-        plan.carry_out(Path(args.output_dir))
+        with writing(args.output_dir, "moving the earlier run aside"):
+            plan.carry_out(Path(args.output_dir))
         if args.do_train:
-            write_run_config(settings, Path(args.output_dir) / RUN_CONFIG)
+            with writing(args.output_dir, f"writing the run's settings ({RUN_CONFIG})"):
+                write_run_config(settings, Path(args.output_dir) / RUN_CONFIG)
     state.wait_for_everyone()
     if args.deepspeed and args.world_size > 1:
         import deepspeed
@@ -228,3 +246,197 @@ def start_run(settings: RunSettings) -> OutputPlan:
         # DeepSpeed's comm layer wraps the group accelerate made; ZeRO-3 init reads the world size from it.
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     return plan
+
+
+# ---------------------------------------------------------------- a write the file system refuses
+
+
+class OutputWriteError(OSError):
+    """A write of the run failed because the file system holding the output directory is full, read-only or not
+    writable. The message is the whole story in one line: the file system, what failed to be written, the latest
+    complete checkpoint and how to go on; what the failed write left half-written is gone."""
+
+
+_REFUSALS = {
+    errno.ENOSPC: "full",
+    errno.EDQUOT: "full",
+    errno.EROFS: "read-only",
+    errno.EACCES: "not writable",
+    errno.EPERM: "not writable",
+}
+# Writers outside Python keep the error number only in their message: safetensors (Rust) says "(os error 28)".
+_ERROR_NUMBER = re.compile(r"\[Errno (\d+)\]|\(os error (\d+)\)")
+# torch's zip writer loses the number entirely: "[enforce fail at inline_container.cc:672] . unexpected pos 3584
+# vs 3472", or "PytorchStreamWriter failed writing file", or "File ... cannot be opened."
+_NUMBERLESS_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|cannot be opened")
+# Less than this left counts as full: a write that ran out fills the file system to its last block first.
+_NEARLY_FULL = 1 << 20
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _existing(path: Path) -> Path:
+    """``path``, or its nearest parent that exists (a run may fail before it made its output directory)."""
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _mount_point(path: Path) -> Path:
+    path = _existing(path).resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def _denied_here(cause: BaseException, directory: Path) -> bool:
+    """A permission error is the output directory's if it names a file there, or the directory is not writable."""
+    name = getattr(cause, "filename", None)
+    if isinstance(name, (str, os.PathLike)):
+        path = Path(os.path.abspath(name))
+        return path.is_relative_to(directory) or path.is_relative_to(directory.resolve())
+    return not os.access(directory, os.W_OK)
+
+
+def refusal(err: BaseException, directory: str | os.PathLike) -> str | None:
+    """Why the file system refused a write into ``directory`` that raised ``err``: ``"full"``, ``"read-only"``,
+    ``"not writable"``, or None when the failure is not the file system's."""
+    where = _existing(Path(directory))
+    for cause in _causes(err):
+        number = cause.errno if isinstance(cause, OSError) else None
+        if number is None and (match := _ERROR_NUMBER.search(str(cause))):
+            number = int(match.group(1) or match.group(2))
+        if _REFUSALS.get(number) == "not writable" and not _denied_here(cause, where):
+            return None  # e.g. a data file this user may not read
+        if number in _REFUSALS:
+            return _REFUSALS[number]
+    if not (isinstance(err, OSError) or _NUMBERLESS_WRITE_FAILURE.search(str(err))):
+        return None  # not a write failure at all: a bad loss, a bug
+    # Without an error number, ask the file system what it is now.
+    status = os.statvfs(where)
+    if status.f_flag & os.ST_RDONLY:
+        return "read-only"
+    if status.f_bavail * status.f_frsize < _NEARLY_FULL:
+        return "full"
+    if not os.access(where, os.W_OK):
+        return "not writable"
+    return None
+
+
+def _failed_file(err: BaseException, within: Path, output_dir: Path) -> str | None:
+    """The file whose write failed, as the run would have named it (not by its temporary name), where the error
+    says: relative to ``within`` (a checkpoint being staged) or else to ``output_dir``; None where it is a
+    directory made to hold them (the staging folder, the output directory itself)."""
+    for cause in _causes(err):
+        name = getattr(cause, "filename", None)
+        if isinstance(name, (str, os.PathLike)):
+            path = intended_path(os.path.abspath(name))
+            for base in (within.absolute(), output_dir.absolute()):
+                if base.is_relative_to(path):
+                    return None
+                if path.is_relative_to(base):
+                    return str(path.relative_to(base))
+            return str(path)
+    return None
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    scaled, unit = next((n / 1024**k, u) for k, u in ((3, "GiB"), (2, "MiB"), (1, "KiB")) if n >= 1024**k)
+    return f"{scaled:.1f} {unit}"
+
+
+def latest_checkpoint(output_dir: Path) -> tuple[Path, int, int] | None:
+    """The newest complete ``checkpoint-N`` of the directory: ``(path, step, the run's --max_steps)``, or None.
+
+    Checkpoints are renamed into place only when whole (``TuningTrainer._save_checkpoint``), so the newest with a
+    readable ``trainer_state.json`` is complete."""
+    for _, path in reversed(checkpoints_in(output_dir)):
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return path, int(state.get("global_step", 0)), int(state.get("max_steps", 0))
+    return None
+
+
+def write_failure(
+    kind: str, output_dir: Path, doing: str, removed: str | None, err: BaseException, free: int
+) -> str:
+    """The one line that says what a refused write did and how to go on (``kind``: as ``refusal`` says; ``free``:
+    the bytes left when the write failed)."""
+    mount = _mount_point(output_dir)
+    if kind == "full":
+        problem = (
+            f"no space left on the file system holding OUTPUT_DIR {output_dir} (mounted at {mount}, "
+            f"{_size(free)} free)"
+        )
+        fix = f"free space on {mount}"
+    elif kind == "read-only":
+        problem = f"OUTPUT_DIR {output_dir} is on a read-only file system (mounted at {mount})"
+        fix = f"make {mount} writable"
+    else:
+        problem = f"OUTPUT_DIR {output_dir} is not writable (permission denied)"
+        fix = f"make {output_dir} writable for this user"
+    cleaned = f"the partial {removed} was removed" if removed else "nothing half-written was left"
+    resume = "rerun with RESUME=true (python -m ptuning_v2.train: --resume_from_checkpoint true)"
+    latest = latest_checkpoint(output_dir)
+    if latest is None:
+        again = (
+            "rerun with OVERWRITE=true (--overwrite_output_dir true), which moves what this run wrote aside"
+            if _earlier_run(output_dir)
+            else "rerun the same command"
+        )
+        go_on = f"No complete checkpoint yet: {fix} and {again}"
+    else:
+        path, step, planned = latest
+        if planned and step >= planned:
+            go_on = (
+                f"The latest complete checkpoint is {path}, the run's last step ({step} of {planned}): {fix} "
+                f"and {resume} to finish the run from it (final save, loss curve, scores) without training again"
+            )
+        else:
+            go_on = f"The latest complete checkpoint is {path} (step {step}): {fix} and {resume} to continue from it"
+    raised = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{problem}, while {doing}; {cleaned}. {go_on}. ({type(err).__name__}: {raised})"
+
+
+@contextmanager
+def writing(
+    output_dir: str | os.PathLike,
+    doing: str,
+    partial: str | os.PathLike | None = None,
+    removed: str | None = None,
+    files_in: str | os.PathLike | None = None,
+) -> Iterator[None]:
+    """Run a step that writes into ``output_dir``. If it fails, ``partial`` (what the step may have left
+    half-written) is removed; if the failure is the file system's (full, read-only, not writable), it becomes one
+    ``OutputWriteError`` naming it, ``doing`` (with the file, where known: relative to ``files_in``, by default
+    ``output_dir``), the latest complete checkpoint and how to resume. ``removed`` names ``partial`` in that
+    message. A failure already explained passes through."""
+    output_dir = Path(output_dir)
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except Exception as err:
+        kind = refusal(err, output_dir)  # before the removal frees space
+        free = shutil.disk_usage(_existing(output_dir)).free
+        left = partial is not None and os.path.lexists(partial)
+        if left:
+            shutil.rmtree(partial, ignore_errors=True)
+        if kind is None:
+            raise
+        file = _failed_file(err, Path(files_in or output_dir), output_dir)
+        doing = f"{doing} ({file})" if file and file not in doing else doing
+        message = write_failure(kind, output_dir, doing, removed if left else None, err, free)
+        raise OutputWriteError(message) from err

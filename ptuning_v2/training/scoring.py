@@ -14,9 +14,10 @@ import torch
 
 from .. import nlu
 from ..data import DataConfig, load_conversations, tokenize_for_generation, tokenize_for_training
-from ..files import atomic_write_text
+from ..files import atomic_open, atomic_write_text
 from ..generation import evaluate_dataset
 from ..methods import tuning_of
+from .output import writing
 from .settings import RunSettings, SettingsError
 
 # ``score(name, examples)``: generate or predict, write the predictions under <output_dir>/<name>/, and score.
@@ -58,7 +59,11 @@ def load_datasets(settings: RunSettings, tokenizer: Any, labels: list[Any] | Non
         return dataset
 
     found = Datasets()
-    with args.main_process_first(desc="tokenize"):
+    # The cache is only a cache: one that a full disk cut short is removed, the next run builds it again.
+    cache_write = writing(
+        args.output_dir, "writing the tokenized-data cache", partial=cache_dir, removed=".data_cache"
+    )
+    with cache_write, args.main_process_first(desc="tokenize"):
         if args.do_train:
             found.train = tokenized(data_args.train_files(), data_args.max_train_samples, False)
         if data_args.validation_file and args.eval_strategy != "no":
@@ -242,6 +247,7 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | Non
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_open(path, "wb") as f:  # a full disk leaves no half a PNG
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
     return path

@@ -24,9 +24,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .. import nlu
 from ..checkpoint import CheckpointError
 from ..data import training_collator
-from ..files import swap_directory
+from ..files import atomic_directory, atomic_open, swap_directory
 from ..methods import read_checkpoint, tuning_of
-from .output import rotate_run_checkpoints
+from .output import rotate_run_checkpoints, writing
 from .scoring import Datasets, Scorer
 from .settings import RunSettings
 
@@ -133,7 +133,12 @@ class TuningTrainer(Trainer):
     """The HF Trainer, hooked where it must be: it saves what the method trains (``model.tuning``), writes
     checkpoints atomically, and stops on a non-finite loss or trained weights gone bad."""
 
-    def __init__(self, model: torch.nn.Module, **kwargs: Any) -> None:
+    def __init__(
+        self, model: torch.nn.Module, head_labels: tuple[str, list[Any]] | None = None, **kwargs: Any
+    ) -> None:
+        # An NLU head's (task type, labels): every save gets its labels.json, so a checkpoint loads and predicts on
+        # its own.
+        self.head_labels = head_labels
         # The health checks come first, so that no other callback acts on a step that broke the prefix.
         kwargs["callbacks"] = [TrainingHealthCallback(), *(kwargs.get("callbacks") or [])]
         # The Trainer refuses a quantized model without a PEFT adapter; the method's parameters are our adapter.
@@ -156,18 +161,23 @@ class TuningTrainer(Trainer):
             self._stop("the trained weights are no longer finite (inf/nan)")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """What the method trains (and an NLU head's labels), every file whole: a failed save leaves no part of it."""
         self._check_finite_prefix()
         output_dir = output_dir or self.args.output_dir
         handle = tuning_of(self.accelerator.unwrap_model(self.model))
         if handle.saves_backbone:  # the whole model: the Trainer's own save gathers ZeRO-3 shards
-            super().save_model(output_dir, _internal_call)
+            with atomic_directory(output_dir, replace=False) as staging:
+                super().save_model(str(staging), _internal_call)
             if self.args.should_save:
-                handle.write_config(output_dir)
-            return
-        with _gathered(handle.trainable_parameters(), self.is_deepspeed_enabled):
-            if self.args.should_save:
-                handle.save(output_dir)
-                torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+                handle.write_config(output_dir)  # last: a reader that finds it finds the model whole
+        else:
+            with _gathered(handle.trainable_parameters(), self.is_deepspeed_enabled):
+                if self.args.should_save:
+                    handle.save(output_dir)
+                    with atomic_open(os.path.join(output_dir, "training_args.bin"), "wb") as f:
+                        torch.save(self.args, f)
+        if self.head_labels is not None and self.args.should_save:
+            nlu.write_labels(output_dir, *self.head_labels)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.is_deepspeed_enabled:
@@ -181,25 +191,35 @@ class TuningTrainer(Trainer):
             del engine.save_checkpoint
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        """Write ``checkpoint-N`` in a staging folder and rename it when complete."""
+        """Write ``checkpoint-N`` in a staging folder and rename it when complete.
+
+        The Trainer (5.x) writes straight into ``checkpoint-N``, so a save that fails halfway (a full disk, a kill)
+        would leave a checkpoint that ``get_last_checkpoint`` picks. Here only whole checkpoints get that name; a
+        failed save's staging folder is removed, and a full or read-only disk ends the run with one line
+        (``writing``)."""
         self._check_finite_prefix()
         run_dir = self.args.output_dir
-        final = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
-        staging_root = os.path.join(run_dir, ".staging")
-        self.args.output_dir = staging_root
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir = run_dir
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            swap_directory(os.path.join(staging_root, f"checkpoint-{self.state.global_step}"), final)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final, staging_root = os.path.join(run_dir, name), os.path.join(run_dir, ".staging")
+        staged = os.path.join(staging_root, name)
+        if self.args.should_save:  # a killed run's leftover must not mix into this save
             shutil.rmtree(staging_root, ignore_errors=True)
-        best = self.state.best_model_checkpoint
-        if best and Path(best).parent == Path(staging_root):  # the Trainer named it inside the staging folder
-            self.state.best_model_checkpoint = os.path.join(run_dir, Path(best).name)
+        self.accelerator.wait_for_everyone()
+        with writing(run_dir, f"saving {name}", partial=staging_root, removed=name, files_in=staged):
+            self.args.output_dir = staging_root
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = run_dir
+            best = self.state.best_model_checkpoint  # the Trainer may have named it inside the staging folder
+            if best and Path(best).parent == Path(staging_root):
+                self.state.best_model_checkpoint = os.path.join(run_dir, Path(best).name)
+                if self.args.should_save:
+                    self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+            self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                self.state.save_to_json(os.path.join(final, "trainer_state.json"))
+                swap_directory(staged, final)
+                shutil.rmtree(staging_root, ignore_errors=True)
         if self.args.should_save:
             rotate_run_checkpoints(
                 run_dir, self.args.save_total_limit, self.state.global_step, self.state.best_model_checkpoint
@@ -280,18 +300,6 @@ class GenerationEvalCallback(TrainerCallback):
             )
 
 
-class LabelsCallback(TrainerCallback):
-    """Every checkpoint gets the head's ``labels.json``, so it loads and predicts on its own."""
-
-    def __init__(self, task_type: str, labels: list[Any]) -> None:
-        self.task_type, self.labels = task_type, labels
-
-    def on_save(self, args, state, control, **kwargs):
-        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if args.should_save and checkpoint.is_dir():
-            nlu.write_labels(checkpoint, self.task_type, self.labels)
-
-
 def make_trainer(
     settings: RunSettings,
     model: torch.nn.Module,
@@ -305,8 +313,6 @@ def make_trainer(
     if every and datasets.eval_generate is not None:
         callbacks.append(GenerationEvalCallback(every, lambda name: score(name, datasets.eval_generate)))
     head = labels is not None  # an NLU head: its own collator and loss (see ptuning_v2.nlu)
-    if head:
-        callbacks.append(LabelsCallback(settings.data.task_type, labels))
     return TuningTrainer(
         model=model,
         args=settings.training,
@@ -316,4 +322,5 @@ def make_trainer(
         compute_loss_func=nlu.loss if head else None,
         processing_class=tokenizer,
         callbacks=callbacks,
+        head_labels=(settings.data.task_type, labels) if head else None,
     )
