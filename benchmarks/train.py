@@ -80,15 +80,17 @@ METHODS = {
     "limit": "limit (frozen, grad to embeddings)",
 }
 BACKBONES = ("fp32", "bf16", "int8", "int4")
-# int4 computes in fp32 on the CPU, as `--quantization_bit 4` does by default there (ptuning_v2.loading), so the
-# fp32/int4 comparison isolates the weights' storage; "int4-bf16" (nf4 weights, bf16 compute and embeddings) is the
-# QLoRA-style variant, measured for memory.
+# int4 computes in fp32, as `--quantization_bit 4` does by default on CPUs without AVX512-BF16/AMX
+# (ptuning_v2.quantization.cpu_compute_dtype), so the fp32/int4 comparison isolates the weights' storage; "int4-bf16"
+# (nf4 weights, bf16 compute and embeddings) is what `--quantization_bit 4` does by default on CPUs with them, and
+# "int8-bf16" the same for LLM.int8.
 COMPUTE_DTYPE = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,
     "int8": torch.float32,
     "int4": torch.float32,
     "int4-bf16": torch.bfloat16,
+    "int8-bf16": torch.bfloat16,
 }
 
 
@@ -235,7 +237,7 @@ def load_backbone(model_dir: str, backbone: str) -> nn.Module:
     target = device()
     if backbone in ("fp32", "bf16"):
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **_read_not_mapped()).to(target)
-    if backbone == "int8":
+    if backbone.startswith("int8"):
         quant = BitsAndBytesConfig(load_in_8bit=True)
     else:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,20 +13,25 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from .checkpoint import CheckpointRecord
 from .methods import attach_method, load_method, method_spec, read_checkpoint
-from .quantization import prepare_4bit_for_cpu
+from .quantization import compute_dtype_note, cpu_compute_dtype, prepare_4bit_for_cpu
 from .spellings import canonical_dtype, dtype_choices, parse_quantization
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # by canonical_dtype's names
 
 
-def resolve_dtype(torch_dtype: str | torch.dtype | None) -> torch.dtype:
-    """None means fp32 on CPU (half precision is slow or unsupported there) and bf16 on a GPU that has it."""
+def resolve_dtype(
+    torch_dtype: str | torch.dtype | None, quantization_bit: int | str | None = None
+) -> torch.dtype:
+    """None means bf16 on a GPU that has it (else fp16); on CPU fp32, except a quantised backbone on a CPU that
+    computes bf16 natively (AVX512-BF16/AMX): bf16 there (``cpu_compute_dtype``)."""
     if isinstance(torch_dtype, torch.dtype):
         return torch_dtype
     if torch_dtype is None or torch_dtype == "auto":
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return torch.bfloat16
-        return torch.float16 if torch.cuda.is_available() else torch.float32
+        if torch.cuda.is_available():
+            return torch.float16
+        return _DTYPES[cpu_compute_dtype(parse_quantization(quantization_bit) is not None)]
     name = canonical_dtype(str(torch_dtype))
     if name is None:
         raise ValueError(f"unknown torch_dtype {torch_dtype!r}; use one of {sorted(dtype_choices())}")
@@ -102,8 +108,10 @@ def load_model(
                 f"{quantization_bit} would quantize the fine-tuned weights it holds)"
             )
         model_name_or_path = str(record.path)
-    dtype = resolve_dtype(torch_dtype)
+    dtype = resolve_dtype(torch_dtype, quantization_bit)
     quant = quantization_config(quantization_bit, dtype)
+    if quant is not None and torch_dtype in (None, "auto") and not torch.cuda.is_available():
+        print(f"note: {compute_dtype_note(dtype)}", file=sys.stderr, flush=True)
     if _is_chatglm(model_name_or_path):
         from .chatglm import load_chatglm_as_glm
 

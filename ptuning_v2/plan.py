@@ -981,7 +981,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lora_target_modules", help="comma-separated names, attention (q,k,v,o) or all-linear (default)")
     add("--lora_dropout", type=float, help="default 0.05")
     add("--quantization_bit", help="4 (nf4), 8 (LLM.int8) or none")
-    add("--torch_dtype", help="fp32, bf16 or fp16; default bf16 on a GPU, fp32 on CPU")
+    add(
+        "--torch_dtype",
+        help="fp32, bf16 or fp16; default bf16 on a GPU, fp32 on CPU (bf16 for a 4/8-bit backbone on a CPU with "
+        "AVX512-BF16/AMX, as the trainer chooses)",
+    )
     add("--batch_size", "--per_device_train_batch_size", dest="batch_size", type=int, help="default 8")
     add("--seq_len", type=int, help="tokens per example (default: the two lengths below)")
     add("--max_source_length", type=int, help="seq_len = max_source_length + max_target_length + 1 (eos)")
@@ -1074,7 +1078,12 @@ def settings_from_args(args: argparse.Namespace) -> PlanSettings:
     device = "cuda" if args.device == "auto" and cuda_available() else args.device
     values["device"] = "cpu" if device == "auto" else device
     torch_dtype = None if args.torch_dtype in (None, "auto") else args.torch_dtype
-    values["torch_dtype"] = torch_dtype or ("bf16" if values["device"] == "cuda" else "fp32")
+    if torch_dtype is None and values["device"] == "cpu":
+        from .quantization import cpu_compute_dtype  # imports torch: only when planning for this CPU
+
+        quantized = normalize_quantization(args.quantization_bit) is not None
+        torch_dtype = cpu_compute_dtype(quantized)
+    values["torch_dtype"] = torch_dtype or "bf16"
     if args.deepspeed:
         values.update(deepspeed_settings(args.deepspeed))
     if args.zero_stage is not None:

@@ -28,12 +28,48 @@ gradient (bitsandbytes repacks it at the next evaluation forward).
 
 from __future__ import annotations
 
+import functools
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
+
+# The CPU flags (Linux /proc/cpuinfo) under which bf16 matmuls run natively: oneDNN's AVX512-BF16 and AMX kernels.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...]:
+    """Which of ``BF16_CPU_FLAGS`` this CPU has (none where /proc/cpuinfo cannot be read: not Linux)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return ()
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    return tuple(flag for flag in BF16_CPU_FLAGS if flag in flags)
+
+
+def cpu_compute_dtype(quantized: bool) -> str:
+    """The compute dtype ("bf16" or "fp32") on this CPU when none is asked for: fp32, except a 4/8-bit backbone on
+    a CPU that computes bf16 natively (measured on an AVX512-BF16 CPU with a 300M GLM: 0.40x the fp32 peak training
+    memory, 2.6-2.8x faster steps); bf16 emulated on AVX2 is slower than fp32. The trainer and the planner ask here."""
+    return "bf16" if quantized and cpu_bf16_flags() else "fp32"
+
+
+def compute_dtype_note(dtype: torch.dtype) -> str:
+    """The line that says which compute dtype a quantised CPU backbone got, and why."""
+    if dtype == torch.bfloat16:
+        why = f"this CPU has {'/'.join(cpu_bf16_flags()).upper()}"
+    else:
+        why = f"this CPU has none of {'/'.join(BF16_CPU_FLAGS).upper()}"
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    return f"quantized backbone on CPU: {name} compute ({why}); --torch_dtype (TORCH_DTYPE=) sets another"
+
 
 # bitsandbytes.functional._convert_weight_packed_for_cpu(..., block_n=32): output features per packed tile.
 PACKED_BLOCK_N = 32

@@ -12,6 +12,7 @@ import pytest
 
 from ptuning_v2 import plan as P
 from ptuning_v2.plan import PlanError, PlanSettings, model_shape, plan_memory
+from ptuning_v2.quantization import cpu_compute_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -335,7 +336,8 @@ def test_cli_takes_the_training_flag_names(capsys):
         4,
         True,
     )
-    assert (s["zero_stage"], s["num_gpus"], s["torch_dtype"]) == (2, 2, "fp32")
+    # planned for this CPU (no GPU here): a 4-bit backbone computes in bf16 where the CPU has AVX512-BF16/AMX
+    assert (s["zero_stage"], s["num_gpus"], s["torch_dtype"]) == (2, 2, cpu_compute_dtype(quantized=True))
     assert result["bytes"]["total"] == sum(v for k, v in result["bytes"].items() if k != "total")
 
 

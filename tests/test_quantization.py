@@ -9,6 +9,7 @@ packed weights is checked too; elsewhere the packed test checks the repacking an
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import pytest
@@ -20,12 +21,19 @@ bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnb_functional  # noqa: E402
 import bitsandbytes.nn.modules as bnb_modules  # noqa: E402
 
-from ptuning_v2 import load_model  # noqa: E402
+from ptuning_v2 import (  # noqa: E402
+    load_model,  # noqa: E402
+    plan,
+    quantization,
+)
 from ptuning_v2.methods import attach_prefix  # noqa: E402
 from ptuning_v2.methods.prefix import PrefixConfig  # noqa: E402
-from ptuning_v2.quantization import prepare_4bit_for_cpu  # noqa: E402
+from ptuning_v2.quantization import cpu_bf16_flags, prepare_4bit_for_cpu  # noqa: E402
 
 CPU_PATHS = ["packed", "generic"]
+# The compute dtype a quantised backbone gets by default: bf16 on CPUs with AVX512-BF16/AMX, fp32 elsewhere
+# (``cpu_compute_dtype``); both are run on any machine (bf16 is emulated, slower, where the CPU lacks it).
+COMPUTE_DTYPES = ["fp32", "bf16"]
 # Whether this CPU really has the packed kernel (bitsandbytes registers it at import time from this check).
 PACKED_KERNEL_HERE = bool(bnb_functional.has_avx512bf16())
 
@@ -77,18 +85,24 @@ def packed_layers(model: torch.nn.Module) -> set[str]:
     }
 
 
+@pytest.mark.parametrize("dtype", COMPUTE_DTYPES)
 @pytest.mark.parametrize("path", CPU_PATHS)
-def test_int4_runs_layers_the_packed_kernel_cannot_take(path, tmp_path_factory, monkeypatch, caplog):
+def test_int4_runs_layers_the_packed_kernel_cannot_take(path, dtype, tmp_path_factory, monkeypatch, caplog):
     force_cpu_path(monkeypatch, path)
     with caplog.at_level(logging.WARNING, logger="ptuning_v2.quantization"):
-        model = load_model(saved_model(tmp_path_factory, ODD_SHAPES), quantization_bit=4)
+        model = load_model(saved_model(tmp_path_factory, ODD_SHAPES), quantization_bit=4, torch_dtype=dtype)
     check_packed_forward_possible(model, path)
     reference = tiny_model("glm", **ODD_SHAPES)
     ids = random_ids(2, 12)
     with torch.no_grad():
         logits = model(input_ids=ids).logits
         expected = reference(input_ids=ids).logits
-    assert torch.isfinite(logits).all()
+    assert (
+        torch.isfinite(logits).all()
+        and logits.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    )
+    # nf4 weights (4 bits: a relative error near 10% per weight) dominate; bf16's 8-bit mantissa adds ~0.4% per
+    # operation, so the logits point the same way as the fp32 model's in either dtype.
     assert F.cosine_similarity(logits.flatten().double(), expected.flatten().double(), dim=0) > 0.9
 
     misfits = {
@@ -108,12 +122,13 @@ def test_int4_runs_layers_the_packed_kernel_cannot_take(path, tmp_path_factory, 
         assert packed_layers(model) == set() and not ours
 
 
+@pytest.mark.parametrize("dtype", COMPUTE_DTYPES)
 @pytest.mark.parametrize("path", CPU_PATHS)
-def test_int4_prefix_still_learns_after_an_evaluation(path, tmp_path_factory, monkeypatch):
+def test_int4_prefix_still_learns_after_an_evaluation(path, dtype, tmp_path_factory, monkeypatch):
     # The packed kernel has no backward: once an evaluation has packed the weights, training must unpack them,
     # or backward through a packed layer with a bias fails in place and one without passes no gradient on.
     force_cpu_path(monkeypatch, path)
-    model = load_model(saved_model(tmp_path_factory, FITTING_SHAPES), quantization_bit=4)
+    model = load_model(saved_model(tmp_path_factory, FITTING_SHAPES), quantization_bit=4, torch_dtype=dtype)
     attach_prefix(model, PrefixConfig(pre_seq_len=4, prefix_projection=False, prefix_dropout=0.0))
     check_packed_forward_possible(model, path)
     ids = random_ids(2, 10)
@@ -133,3 +148,44 @@ def test_int4_prefix_still_learns_after_an_evaluation(path, tmp_path_factory, mo
     # Layers whose input needs no gradient (layer 0's q/k/v) stay packed and compute in bf16: close, not equal.
     assert before.abs().sum() > 0
     assert F.cosine_similarity(after.flatten(), before.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("flags", [("avx512_bf16",), ("amx_bf16",), ()])
+def test_a_quantized_backbone_computes_in_bf16_where_the_cpu_does(
+    flags, tmp_path_factory, monkeypatch, capsys
+):
+    monkeypatch.setattr(quantization, "cpu_bf16_flags", lambda: flags)
+    path = saved_model(tmp_path_factory, FITTING_SHAPES)
+    expected = torch.bfloat16 if flags else torch.float32
+    for bits in (4, 8):
+        model = load_model(path, quantization_bit=bits)
+        assert model.get_input_embeddings().weight.dtype == expected, bits
+        note = capsys.readouterr().err
+        if flags:
+            assert f"bf16 compute (this CPU has {flags[0].upper()})" in note
+        else:
+            assert "fp32 compute (this CPU has none of AVX512_BF16/AMX_BF16)" in note
+    # an unquantised backbone stays fp32; an explicit dtype wins, without a note
+    assert load_model(path).get_input_embeddings().weight.dtype == torch.float32
+    model = load_model(path, quantization_bit=4, torch_dtype="fp32")
+    assert (
+        model.get_input_embeddings().weight.dtype == torch.float32 and "note" not in capsys.readouterr().err
+    )
+    # the planner plans what the trainer will load
+    assert plan.main(
+        ["--model_name_or_path", path, "--quantization_bit", "4", "--device", "cpu", "--json"]
+    ) in (0, None)
+    planned = json.loads(capsys.readouterr().out)["settings"]["torch_dtype"]
+    assert planned == ("bf16" if flags else "fp32")
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    avx2 = tmp_path / "avx2"
+    avx2.write_text(
+        "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n"
+    )
+    sapphire = tmp_path / "amx"
+    sapphire.write_text("flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert cpu_bf16_flags(str(avx2)) == ()
+    assert cpu_bf16_flags(str(sapphire)) == ("avx512_bf16", "amx_bf16")
+    assert cpu_bf16_flags(str(tmp_path / "missing")) == ()  # not Linux: no flags, fp32

@@ -35,7 +35,12 @@ class ModelArguments:
     )
     method: str = field(default=DEFAULT_METHOD, metadata={"help": "one of " + ", ".join(METHODS)})
     quantization_bit: str | None = field(default=None, metadata={"help": "4 (nf4), 8, or none"})
-    torch_dtype: str | None = field(default=None, metadata={"help": "fp32, bf16, fp16; default fp32 on CPU"})
+    torch_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "fp32, bf16, fp16; default fp32 on CPU (bf16 for a 4/8-bit backbone on a CPU with AVX512-BF16/AMX)"
+        },
+    )
 
 
 # Every method's config fields (PrefixConfig, PTuningV1Config, ...), as flags: --pre_seq_len, --lora_rank, ...
