@@ -138,3 +138,59 @@ def test_chat_answers_a_query_with_the_prefix(prefixed_dir, capsys):
         model, tokenizer, [prompt], GenerationSettings(max_new_tokens=8), progress=False
     )
     assert answer == expected[0]
+
+
+def test_growing_cache_layers_generate_what_concatenation_does(prefixed_dir, monkeypatch):
+    """Behind a prefix, generate's cache layers write into spare room (kv_cache.GrowingLayer) instead of
+    re-concatenating; greedy and beam search give the same tokens as plain DynamicLayers."""
+    import ptuning_v2.methods.prefix.hook as hook
+
+    tokenizer = load_tokenizer(str(prefixed_dir / "model"))
+    model = load_model(str(prefixed_dir / "model"), ptuning_checkpoint=str(prefixed_dir / "prefix"))
+    prompts = prompts_of(tokenizer, 12)
+    padded = tokenizer.pad({"input_ids": prompts[:6]}, padding_side="left", return_tensors="pt")
+    layers = []
+    original = hook.grow_in_place
+    monkeypatch.setattr(
+        hook, "grow_in_place", lambda cache: layers.append(original(cache).layers[0]) or cache
+    )
+    results = {}
+    for mode in ("growing", "concatenating"):
+        if mode == "concatenating":
+            monkeypatch.setattr(hook, "grow_in_place", lambda cache: cache)
+        with torch.no_grad():
+            greedy = model.generate(**padded, max_new_tokens=300, min_new_tokens=300, do_sample=False)
+            beams = model.generate(**padded, max_new_tokens=10, num_beams=3, do_sample=False)
+        batched, _ = generate_texts(
+            model, tokenizer, prompts, GenerationSettings(max_new_tokens=12), batch_size=5
+        )
+        results[mode] = (greedy.tolist(), beams.tolist(), batched)
+    assert (
+        type(layers[0]).__name__ == "GrowingLayer"
+    )  # the growing run really grew (past one buffer: 300 tokens)
+    assert results["growing"] == results["concatenating"]
+
+
+def test_growing_layer_follows_crop_and_batch_selection():
+    from transformers.cache_utils import DynamicLayer
+
+    from ptuning_v2.kv_cache import GrowingLayer
+
+    torch.manual_seed(0)
+    grown, plain = GrowingLayer(), DynamicLayer()
+    steps = [torch.randn(3, 2, n, 4) for n in (5, 1, 1, 300, 1)]
+    for step in steps:
+        for layer in (grown, plain):
+            keys, values = layer.update(step, -step)
+        torch.testing.assert_close(keys, plain.keys, rtol=0, atol=0)
+        torch.testing.assert_close(grown.values, plain.values, rtol=0, atol=0)
+    for layer in (grown, plain):
+        layer.crop(-2)
+        layer.update(steps[1], steps[1])
+    torch.testing.assert_close(grown.keys, plain.keys, rtol=0, atol=0)
+    for layer in (grown, plain):
+        layer.batch_select_indices(torch.tensor([2, 0]))
+        layer.update(steps[1][:2], steps[1][:2])
+    torch.testing.assert_close(grown.keys, plain.keys, rtol=0, atol=0)
+    torch.testing.assert_close(grown.values, plain.values, rtol=0, atol=0)
+    assert grown.get_seq_length() == plain.get_seq_length() == 5 + 1 + 1 + 300 + 1 - 2 + 1 + 1

@@ -5,7 +5,8 @@
   prompts;
 - positions count a row's real tokens only, from 0 (ChatGLM's convention) or from its prefix length (PEFT's), as
   ``attach_prefix`` does, so a row computes what it computes alone;
-- rows that finish leave (``select``), rows prefilled meanwhile join (``merge``).
+- rows that finish leave (``select``), rows prefilled meanwhile join (``merge``);
+- the cache's layers grow into spare room (``kv_cache``), so a decoding step copies its new token only.
 
 The model itself is called through a ``Forward`` the engine passes in, so that the engine alone owns the model
 call (and what it keeps of the logits).
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache
 
+from ..kv_cache import grow_in_place
 from .requests import Request
 
 # (input_ids, attention_mask, position_ids, cache) -> the last position's logits; grows the cache in place.
@@ -90,7 +92,7 @@ class Batch:
             for layer in self.cache.layers
         ]
         self.mask = self.mask[:, start:]
-        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.cache = grow_in_place(DynamicCache(ddp_cache_data=layers))
 
     @staticmethod
     def merge(old: Batch | None, new: Batch) -> Batch:
@@ -108,7 +110,7 @@ class Batch:
         mask = torch.cat([_left_pad(old.mask, length), _left_pad(new.mask, length)])
         return Batch(
             old.rows + new.rows,
-            DynamicCache(ddp_cache_data=layers),
+            grow_in_place(DynamicCache(ddp_cache_data=layers)),
             mask,
             torch.cat([old.positions, new.positions]),
             old.next_tokens + new.next_tokens,
@@ -119,7 +121,7 @@ def _prefix_cache(
     requests: list[Request], prefix_width: int, device: torch.device, config: Any
 ) -> DynamicCache:
     if prefix_width == 0:
-        return DynamicCache(config=config)
+        return grow_in_place(DynamicCache(config=config))
     layers = []
     sample = next(r.prefix for r in requests if r.prefix)
     for layer in range(len(sample.keys)):
@@ -132,7 +134,7 @@ def _prefix_cache(
                 keys[row, :, prefix_width - request.prefix.length :] = request.prefix.keys[layer]
                 values[row, :, prefix_width - request.prefix.length :] = request.prefix.values[layer]
         layers.append((keys, values))
-    return DynamicCache(ddp_cache_data=layers, config=config)
+    return grow_in_place(DynamicCache(ddp_cache_data=layers, config=config))
 
 
 def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:

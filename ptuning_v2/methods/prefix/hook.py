@@ -26,6 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from ...compat import cache_argument, forward_kwargs, pop_cache
+from ...kv_cache import grow_in_place
 from .config import PrefixConfig
 
 # Set on a Cache once it holds the prefix; its value is the prefix length.
@@ -67,6 +68,8 @@ def _read_only_cache(model: nn.Module, batch_size: int) -> Cache:
 
 
 def _fill_cache(model: nn.Module, cache: Cache, batch_size: int) -> Cache:
+    # Decoding behind a prefix would re-copy it at every token in a DynamicLayer (kv_cache).
+    grow_in_place(cache)
     for layer_idx, (key, value) in enumerate(_prefix_pairs(model, batch_size)):
         cache.update(key, value, layer_idx)
     setattr(cache, _PREFIX_MARK, model.tuning.config.pre_seq_len)
