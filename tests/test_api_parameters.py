@@ -462,3 +462,25 @@ def test_log_likelihood_is_finite_for_every_prompt_token(client):
     reply = client.completions.create(model="long", prompt=TEXTS[5], max_tokens=0, echo=True, logprobs=0)
     assert all(math.isfinite(x) and x <= 0 for x in reply.choices[0].logprobs.token_logprobs[1:])
     assert reply.choices[0].text == TEXTS[5] and reply.usage.completion_tokens == 0
+
+
+def test_identifiers_are_accepted_and_change_nothing(client):
+    base = {"model": "long", "messages": user(TEXTS[3]), "max_tokens": 6}
+    expected = client.chat.completions.create(**base).choices[0].message.content
+    accepted = {
+        "user": "u-1",
+        "safety_identifier": "s-1",
+        "prompt_cache_key": "k",
+        "metadata": {"run": "1"},
+        "service_tier": "auto",
+        "parallel_tool_calls": False,
+        "store": False,
+    }
+    for name, value in accepted.items():
+        reply = client.chat.completions.create(**base, **{name: value})
+        assert reply.choices[0].message.content == expected, name
+    capped = client.chat.completions.create(model="long", messages=user(TEXTS[3]), max_completion_tokens=2)
+    assert capped.usage.completion_tokens <= 2
+    legacy = {"model": "long", "prompt": TEXTS[3], "max_tokens": 6}
+    text = client.completions.create(**legacy).choices[0].text
+    assert client.completions.create(**legacy, best_of=1, user="u").choices[0].text == text
