@@ -29,12 +29,15 @@ _EXPORTS = {
     "kv_shape_from_config": "methods.prefix",
 }
 __all__ = sorted(_EXPORTS)
+# Removed names kept for one release; they warn when called (see deprecated.py) and are left out of __all__.
+_DEPRECATED = {"prefix_disabled": "deprecated", "save_prefix_checkpoint": "deprecated"}
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
+    home = _EXPORTS.get(name) or _DEPRECATED.get(name)
+    if home is None:
         raise AttributeError(f"module 'ptuning_v2' has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    value = getattr(import_module(f".{home}", __name__), name)
     globals()[name] = value
     return value
 

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ...checkpoint import HEAD_KEY
+from ...deprecated import add_model_aliases
 from ...files import atomic_directory
 from ..base import TuningMethod, base_model_info, head_state_dict, load_head_state, set_handle, trainable_head
 from .config import PrefixConfig, kv_shape_from_config
@@ -59,6 +60,7 @@ class PrefixMethod(TuningMethod):
         handle = cls(model, config, encoder, cache_argument)
         set_handle(model, handle)
         install_prefix_hook(model)
+        add_model_aliases(model)  # model.save_prefix(dir), deprecated
         return handle
 
     def set_encoder(self, encoder: PrefixEncoder) -> None:
