@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.report import cpu_kind
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPORT_NAME = "performance"
@@ -171,12 +172,8 @@ def peak_memory() -> int:
 
 # ---------------------------------------------------------------------------------------------------- machine
 def machine() -> str:
-    """CPU model and core count (lscpu), memory, torch threads, GPU if any, load average when measured."""
-    cpu = platform.processor() or platform.machine()
-    if shutil.which("lscpu"):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        cpu = f"{fields.get('Model name', cpu).strip()}, {fields.get('CPU(s)', '?').strip()} CPUs"
+    """CPU model, kind and count, memory, torch threads, GPU if any, load average when measured."""
+    cpu = f"{cpu_kind()}, {os.cpu_count()} CPUs"
     memory_kb = None
     try:
         memory_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import cpu_kind
 from ptuning_v2.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -652,14 +653,9 @@ def judge(tables: dict[str, Any]) -> dict[str, Any]:
 
 
 def machine() -> str:
-    """The CPU's model name (lscpu), its CPU count, and the load when the report was written."""
-    model = "unknown CPU"
-    if shutil.which("lscpu"):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        found = re.search(r"^Model name:\s*(.+)$", out, re.MULTILINE)
-        model = found.group(1).strip() if found else model
+    """The CPU's model name and kind, its CPU count, and the load when the report was written."""
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return f"{model}, {os.cpu_count()} CPUs (load average {load} when written)"
+    return f"{cpu_kind()}, {os.cpu_count()} CPUs (load average {load} when written)"
 
 
 def _cell(entry: tuple[float, float, int] | None) -> str:

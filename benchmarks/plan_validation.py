@@ -23,7 +23,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from benchmarks.report import cpu_kind
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -327,16 +328,8 @@ def _child(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]
 
 
 def _machine() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(
-            line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")
-        )
-    except (OSError, StopIteration):
-        pass
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": model, "cores": os.cpu_count(), "ram_gib": round(ram / 1024**3, 1)}
+    return {"cpu": cpu_kind(), "cores": os.cpu_count(), "ram_gib": round(ram / 1024**3, 1)}
 
 
 def _gib(value: float | None) -> str:

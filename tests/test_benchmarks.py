@@ -63,3 +63,19 @@ def test_train_benchmark_quick_prints_every_ratio():
 
 def test_generate_benchmark_quick_prints_every_ratio():
     assert_positive_finite(run_benchmark("generate"), GENERATE_KEYS)
+
+
+def test_every_report_names_the_cpu_kind(tmp_path):
+    from benchmarks.report import cpu_kind
+
+    def kind(flags: str) -> str:
+        (tmp_path / "cpuinfo").write_text(
+            f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 {flags}\n"
+        )
+        return cpu_kind(tmp_path / "cpuinfo")
+
+    assert kind("avx2 avx512f avx512_bf16") == "AMD EPYC, AVX512-BF16"
+    assert kind("avx2 avx512f avx512_bf16 amx_bf16") == "AMD EPYC, AVX512-BF16 + AMX-BF16"
+    assert kind("avx2 avx512f") == "AMD EPYC, AVX512 (no BF16)"
+    assert kind("avx avx2 fma") == "AMD EPYC, AVX2-only"
+    assert cpu_kind(tmp_path / "missing").endswith(", CPU kind unknown")
