@@ -247,7 +247,8 @@ class FakeDisk:
                 return real_save(obj, f, *a, **k)
             if self.kind == "read-only":
                 raise RuntimeError(f"File {f} cannot be opened.")
-            Path(f).write_bytes(b"PK\x03\x04")
+            with real_open(f, "wb") as partial:  # the real open: the fake one would fail first
+                partial.write(b"PK\x03\x04")
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
 
         def fake_statvfs(path):
