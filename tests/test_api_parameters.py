@@ -5,7 +5,6 @@ chat does, and requests too large are refused fast, before any rendering."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -338,17 +337,17 @@ REFUSED_VALUES = {
 
 def test_every_refused_field_gets_a_400_naming_it(client, server):
     assert set(REFUSED_VALUES) == set(REFUSED)
-    for name, value in REFUSED_VALUES.items():
-        endpoint, body = (
-            ("completions", {"prompt": "好"})
-            if name == "suffix"
-            else ("chat/completions", {"messages": user("好")})
+    for name, value in REFUSED_VALUES.items():  # through the openai client, each as its own request field
+        with pytest.raises(openai.BadRequestError) as caught:
+            if name == "suffix":
+                client.completions.create(model="long", prompt="好", suffix=value)
+            else:
+                client.chat.completions.create(model="long", messages=user("好"), extra_body={name: value})
+        assert caught.value.status_code == 400 and caught.value.body["param"] == name, (
+            name,
+            caught.value.body,
         )
-        status, reply = _raw_post(
-            f"{server.url}/{endpoint}", json.dumps({"model": "long", name: value, **body}).encode()
-        )
-        assert status == 400 and reply["error"]["param"] == name, (name, reply)
-    # through the client, as a user would send them
+    # as typed arguments of the client
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(
             model="long", messages=user("好"), response_format={"type": "json_object"}
@@ -396,11 +395,13 @@ def test_every_refused_field_gets_a_400_naming_it(client, server):
         ({"messages": user("好"), "repetition_penalty": 0}, "repetition_penalty"),
         ({"messages": user("好"), "service_tier": "flex"}, "service_tier"),
     ]
-    for body, param in cases:
-        status, reply = _raw_post(
-            f"{server.url}/chat/completions", json.dumps({"model": "long", **body}).encode()
+    for body, param in cases:  # the client's own post, so that bodies its typed arguments refuse still go
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.post("/chat/completions", body={"model": "long", **body}, cast_to=object)
+        assert caught.value.status_code == 400 and caught.value.body["param"] == param, (
+            body,
+            caught.value.body,
         )
-        assert status == 400 and reply["error"]["param"] == param, (body, reply)
     for body, param in [
         ({}, "prompt"),
         ({"prompt": []}, "prompt"),
@@ -411,8 +412,12 @@ def test_every_refused_field_gets_a_400_naming_it(client, server):
         ({"prompt": "好", "max_tokens": 10_000}, "max_tokens"),
         ({"prompt": "好", "messages": user("好")}, "messages"),
     ]:
-        status, reply = _raw_post(f"{server.url}/completions", json.dumps({"model": "long", **body}).encode())
-        assert status == 400 and reply["error"]["param"] == param, (body, reply)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.post("/completions", body={"model": "long", **body}, cast_to=object)
+        assert caught.value.status_code == 400 and caught.value.body["param"] == param, (
+            body,
+            caught.value.body,
+        )
     assert client.completions.create(model="long", prompt="好", max_tokens=2).choices
 
 
