@@ -8,3 +8,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+import openai  # noqa: E402
+import pytest  # noqa: E402
+from serving_fixtures import ServerThread  # noqa: E402
+
+from ptuning_v2.serving.api import create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    """The API over the requesting module's own ``engine`` fixture, on a free loopback port."""
+    server = ServerThread(create_app(engine))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai client of that server."""
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)

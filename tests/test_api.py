@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,33 +16,13 @@ from pathlib import Path
 
 import openai
 import pytest
-import uvicorn
-from serving_fixtures import TEXTS, build_serving_fixture, user
+from serving_fixtures import TEXTS, ServerThread, build_serving_fixture, user
 
 from ptuning_v2.serving import Engine, SamplingParams
 from ptuning_v2.serving.api import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("glm-tiny", "long", "short", "peft")
-
-
-class ServerThread:
-    """uvicorn serving ``app`` in a thread of this process, on a free loopback port."""
-
-    def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.05)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -61,18 +40,6 @@ def engine(paths):
     )
     yield engine
     engine.close()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    server = ServerThread(create_app(engine))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
 
 
 def ask(client, text: str, model: str, stream: bool = False, **kwargs) -> tuple[str, str | None]:
