@@ -163,8 +163,13 @@ def test_completions_answer_as_the_engine_does(client, engine):
     assert [c.index for c in many.choices] == [0, 1]
     assert many.choices[0].text == TEXTS[0] + answers["long"]
     assert many.choices[1].text.startswith(TEXTS[1])
-    # the legacy default budget is 16 tokens
+    # the legacy default budget is 16 tokens, capped at the room a long prompt leaves (not refused)
     assert client.completions.create(model="long", prompt=text).usage.completion_tokens <= 16
+    near_the_end = (ids * engine.context_length)[: engine.context_length - 3]
+    capped = client.completions.create(model="long", prompt=near_the_end)
+    assert capped.usage.completion_tokens <= 3
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model="long", prompt=near_the_end, max_tokens=4)
     whole = client.completions.create(model="long", prompt=text, max_tokens=4, echo=True, logprobs=1)
     streamed = list(
         client.completions.create(

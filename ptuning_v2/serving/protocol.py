@@ -288,10 +288,10 @@ class CommonSettings:
 
 
 def _common(
-    engine: Engine, body: dict[str, Any], max_tokens_name: str, default_max_tokens: int | None
+    engine: Engine, body: dict[str, Any], max_tokens_name: str, allow_zero_tokens: bool
 ) -> CommonSettings:
     model, prefix = _model(engine, body)
-    max_tokens = _integer(body, max_tokens_name, low=1 if default_max_tokens is None else 0)
+    max_tokens = _integer(body, max_tokens_name, low=0 if allow_zero_tokens else 1)
     n = _integer(body, "n", low=1, high=engine.max_batch_size) or 1
     best_of = _integer(body, "best_of", low=1)
     if best_of not in (None, 1, n):
@@ -308,7 +308,7 @@ def _common(
         )
     defaults = SamplingParams()
     params = SamplingParams(
-        max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
+        max_new_tokens=max_tokens,  # None until _fit knows the room the prompt leaves
         do_sample=(temperature is not None or top_p is not None) and temperature != 0.0,
         temperature=defaults.temperature if temperature is None else temperature,
         top_p=defaults.top_p if top_p is None else top_p,
@@ -325,16 +325,22 @@ def _common(
 
 
 def _fit(
-    engine: Engine, settings: CommonSettings, prompts: list[list[int]], param: str, max_tokens_name: str
+    engine: Engine,
+    settings: CommonSettings,
+    prompts: list[list[int]],
+    param: str,
+    max_tokens_name: str,
+    default_budget: int,
 ) -> None:
-    """Refuse a prompt that leaves no room; cap an unset budget at the room left (of the longest prompt)."""
+    """Refuse a prompt that leaves no room, or a budget asked beyond it; an unset budget is the default, capped at
+    the room the longest prompt leaves."""
     longest = max(len(ids) for ids in prompts)
     room = engine.context_length - longest
     wanted = settings.params.max_new_tokens
     if room < 1:
         raise _context_exceeded(engine, longest, None, param)
     if wanted is None:
-        settings.params.max_new_tokens = min(SamplingParams().max_new_tokens, room)
+        settings.params.max_new_tokens = min(default_budget, room)
     elif wanted > room:
         raise _context_exceeded(engine, longest, wanted, max_tokens_name)
 
@@ -405,13 +411,13 @@ class ChatRequest:
     def __init__(self, engine: Engine, body: Any, limits: RequestLimits) -> None:
         body = check_fields(body, "chat")
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        self.settings = _common(engine, body, name, default_max_tokens=None)
+        self.settings = _common(engine, body, name, allow_zero_tokens=False)
         messages = _messages(body, limits)
         try:
             self.prompt_ids = engine.prompt_ids(messages)
         except ValueError as err:
             raise APIError(400, str(err), "messages") from err
-        _fit(engine, self.settings, [self.prompt_ids], "messages", name)
+        _fit(engine, self.settings, [self.prompt_ids], "messages", name, SamplingParams().max_new_tokens)
         top = _integer(body, "top_logprobs", low=0, high=MAX_LOGPROBS)
         if top is not None and not body.get("logprobs"):
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
@@ -480,9 +486,9 @@ class CompletionRequest:
 
     def __init__(self, engine: Engine, body: Any, limits: RequestLimits) -> None:
         body = check_fields(body, "completions")
-        self.settings = _common(engine, body, "max_tokens", default_max_tokens=LEGACY_MAX_TOKENS)
+        self.settings = _common(engine, body, "max_tokens", allow_zero_tokens=True)
         self.prompt_ids, self.prompt_texts = _prompts(engine, body, limits)
-        _fit(engine, self.settings, self.prompt_ids, "prompt", "max_tokens")
+        _fit(engine, self.settings, self.prompt_ids, "prompt", "max_tokens", LEGACY_MAX_TOKENS)
         self.echo = _boolean(body, "echo")
         logprobs = _integer(body, "logprobs", low=0, high=MAX_LOGPROBS)
         params = self.settings.params
