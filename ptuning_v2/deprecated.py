@@ -24,10 +24,12 @@ __all__ = ["add_model_aliases", "prefix_disabled", "save_prefix_checkpoint"]
 
 
 def _handle(model: nn.Module):
-    # Imported here: methods/prefix imports this module, so importing methods at its top would make a circle.
-    from .methods import tuning_of
-
-    return tuning_of(model)
+    # The attached method's handle, read as the attribute it is (methods/prefix imports this module, so this module
+    # imports nothing of methods).
+    handle = getattr(model, "tuning", None)
+    if handle is None:
+        raise ValueError("this model has no tuning method attached (see ptuning_v2.methods.attach_method)")
+    return handle
 
 
 def _warn(old: str, new: str) -> None:
