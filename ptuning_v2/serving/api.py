@@ -389,18 +389,24 @@ async def _chat_stream(
                 ],
             }
         )
-    async for index, item in _events(generations):
-        if isinstance(item, Exception):  # the batch failed: tell the client in the stream, as OpenAI does
-            yield _sse(APIError(500, str(item), type="server_error").body())
-            break
-        yield (
-            chunk(index, {"content": item})
-            if item is not None
-            else chunk(index, {}, generations[index].finish_reason)
-        )
-    else:
-        if chat.settings.include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage([chat.prompt_ids], generations)})
+    events = _events(generations)
+    try:
+        async for index, item in events:
+            if isinstance(item, Exception):  # the batch failed: tell the client in the stream, as OpenAI does
+                yield _sse(APIError(500, str(item), type="server_error").body())
+                break
+            yield (
+                chunk(index, {"content": item})
+                if item is not None
+                else chunk(index, {}, generations[index].finish_reason)
+            )
+        else:
+            if chat.settings.include_usage:
+                yield _sse({**base, "choices": [], "usage": _usage([chat.prompt_ids], generations)})
+    finally:
+        await (
+            events.aclose()
+        )  # a client gone mid-stream: its generations are cancelled now, not at collection
     yield _sse("[DONE]")
 
 
@@ -429,14 +435,20 @@ async def _completion_stream(
         choice = {"index": index, "text": text, "logprobs": entries, "finish_reason": finish_reason}
         return _sse({**base, "choices": [choice]})
 
-    async for index, item in _events(generations):
-        if isinstance(item, Exception):
-            yield _sse(APIError(500, str(item), type="server_error").body())
-            break
-        yield chunk(index, item) if item is not None else chunk(index, "", generations[index].finish_reason)
-    else:
-        if job.settings.include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(job.prompt_ids, generations)})
+    events = _events(generations)
+    try:
+        async for index, item in events:
+            if isinstance(item, Exception):
+                yield _sse(APIError(500, str(item), type="server_error").body())
+                break
+            yield (
+                chunk(index, item) if item is not None else chunk(index, "", generations[index].finish_reason)
+            )
+        else:
+            if job.settings.include_usage:
+                yield _sse({**base, "choices": [], "usage": _usage(job.prompt_ids, generations)})
+    finally:
+        await events.aclose()
     yield _sse("[DONE]")
 
 
