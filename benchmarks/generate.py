@@ -121,7 +121,7 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, count: int) -> list[list[int]
 
 # ----------------------------------------------------------------------------------------------------- models
 def load_model(backbone: str = "fp32") -> nn.Module:
-    """glm-zh-tiny in eval mode: fp32, bf16, or nf4 ("int4": fp32 compute, the CPU default of our recipes)."""
+    """glm-zh-tiny in eval mode: fp32, bf16, or nf4 ("int4": fp32 compute, the CPU default of our recipes without AVX512-BF16/AMX)."""
     path = ROOT / TINY_MODEL
     if backbone in ("fp32", "bf16"):
         dtype = torch.float32 if backbone == "fp32" else torch.bfloat16

@@ -793,7 +793,8 @@ def markdown(
         "",
         f"{PRE_SEQ_LEN}-token prefixes; LoRA on {', '.join(LORA_TARGETS)}; AdamW; every contender of a row has the "
         "same batch of random tokens, loss on every token. int8 = LLM.int8 (fp32 elsewhere); int4 = nf4 with fp32 "
-        "compute (the CPU default of `--quantization_bit 4`). 'ckpt' = activation checkpointing, non-reentrant.",
+        "compute (the CPU default of `--quantization_bit 4` on CPUs without AVX512-BF16/AMX; with them it is bf16, the "
+        "int4-bf16 memory row). 'ckpt' = activation checkpointing, non-reentrant.",
         "",
         *throughput_table(rows, plan.throughput_settings, plan.methods),
         "",
