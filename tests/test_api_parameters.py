@@ -389,6 +389,7 @@ def test_every_refused_field_gets_a_400_naming_it(client, server):
         ({"messages": user("好"), "presence_penalty": 3}, "presence_penalty"),
         ({"messages": user("好"), "repetition_penalty": 0}, "repetition_penalty"),
         ({"messages": user("好"), "service_tier": "flex"}, "service_tier"),
+        ({"messages": user("好"), "stream_options": {"include_usage": True}}, "stream_options"),
     ]
     for body, param in cases:  # the client's own post, so that bodies its typed arguments refuse still go
         with pytest.raises(openai.BadRequestError) as caught:

@@ -301,6 +301,8 @@ def _common(
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
         raise APIError(400, "'stream_options' must be an object with include_usage", "stream_options")
+    if options and not _boolean(body, "stream"):  # as OpenAI: it would mean nothing
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
     service_tier = body.get("service_tier")
     if service_tier not in (None, "auto", "default"):
         raise APIError(
