@@ -78,47 +78,31 @@ def _chat_logprobs(engine: Engine, entries: list[TokenLogprob]) -> dict[str, Any
 
 
 def _completion_logprobs(
-    engine: Engine, entries: list[TokenLogprob | None], offset: int = 0
+    engine: Engine, tokens: list[int], entries: list[TokenLogprob | None], offset: int = 0
 ) -> tuple[dict[str, Any], int]:
-    """The legacy ``logprobs`` (tokens, token_logprobs, top_logprobs, text_offset) and the offset after them.
-
-    A prompt's first token has no log-probability (None), as OpenAI's. Offsets count the tokens' own texts.
-    """
+    """The legacy ``logprobs`` block (tokens, token_logprobs, top_logprobs, text_offset) of these token ids, and
+    the text offset after them. An entry of None (a prompt's first token) has no log-probability, as OpenAI's.
+    Offsets count the tokens' own texts."""
     out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for entry in entries:
-        if entry is None:
-            continue
-        text = _token_text(engine, entry.token)
+    for token, entry in zip(tokens, entries):
+        text = _token_text(engine, token)
         out["tokens"].append(text)
-        out["token_logprobs"].append(entry.logprob)
-        out["top_logprobs"].append({_token_text(engine, t): lp for t, lp in entry.top})
+        out["token_logprobs"].append(None if entry is None else entry.logprob)
+        out["top_logprobs"].append(
+            None if entry is None else {_token_text(engine, t): lp for t, lp in entry.top}
+        )
         out["text_offset"].append(offset)
         offset += len(text)
     return out, offset
 
 
-def _with_first_prompt_token(
-    engine: Engine, ids: list[int], entries: list[TokenLogprob | None]
-) -> dict[str, Any]:
-    """The echoed prompt's logprobs, its first token (which has no log-probability) included as None."""
-    rest, _ = _completion_logprobs(engine, entries[1:], len(_token_text(engine, ids[0])))
-    first = _token_text(engine, ids[0])
-    return {
-        "tokens": [first, *rest["tokens"]],
-        "token_logprobs": [None, *rest["token_logprobs"]],
-        "top_logprobs": [None, *rest["top_logprobs"]],
-        "text_offset": [0, *rest["text_offset"]],
-    }
+def _answer_logprobs(engine: Engine, entries: list[TokenLogprob], offset: int) -> tuple[dict[str, Any], int]:
+    return _completion_logprobs(engine, [e.token for e in entries], entries, offset)
 
 
 def _joined(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
     """Two legacy logprobs blocks as one (b's offsets already continue a's)."""
     return b if a is None else {key: a[key] + b[key] for key in a}
-
-
-def _end(block: dict[str, Any] | None) -> int:
-    """The text offset after a legacy logprobs block."""
-    return block["text_offset"][-1] + len(block["tokens"][-1]) if block and block["tokens"] else 0
 
 
 async def _read_body(request: Request, limits: RequestLimits) -> Any:
@@ -321,9 +305,9 @@ def create_app(engine: Engine, api_key: str | None = None, limits: RequestLimits
         texts = await _texts(request, generations)
         choices = []
         for i, (generation, text) in enumerate(zip(generations, texts)):
-            head, logprobs = _echo(engine, job, i, generation)
+            head, logprobs, offset = _echo(engine, job, i, generation)
             if job.settings.params.logprobs is not None:
-                answer, _ = _completion_logprobs(engine, generation.logprobs, _end(logprobs))
+                answer, _ = _answer_logprobs(engine, generation.logprobs, offset)
                 logprobs = _joined(logprobs, answer)
             choices.append(
                 {
@@ -347,15 +331,16 @@ def create_app(engine: Engine, api_key: str | None = None, limits: RequestLimits
 
 def _echo(
     engine: Engine, job: CompletionRequest, choice: int, generation: Generation
-) -> tuple[str, dict[str, Any] | None]:
-    """What an echoing choice starts with: its prompt's text and, with logprobs, the prompt tokens' logprobs."""
+) -> tuple[str, dict[str, Any] | None, int]:
+    """What an echoing choice starts with: its prompt's text, with logprobs the prompt tokens' logprobs, and the
+    text offset the answer's logprobs continue from."""
     if not job.echo:
-        return "", None
+        return "", None, 0
     prompt = choice // job.settings.n
     if job.settings.params.logprobs is None:
-        return job.prompt_texts[prompt], None
-    ids = job.prompt_ids[prompt]
-    return job.prompt_texts[prompt], _with_first_prompt_token(engine, ids, generation.prompt_logprobs)
+        return job.prompt_texts[prompt], None, 0
+    block, offset = _completion_logprobs(engine, job.prompt_ids[prompt], generation.prompt_logprobs)
+    return job.prompt_texts[prompt], block, offset
 
 
 async def _chat_stream(
@@ -424,13 +409,12 @@ async def _completion_stream(
         entries = None
         if not echoed[index]:  # the prompt's logprobs are there from the prefill on
             echoed[index] = True
-            head, entries = _echo(engine, job, index, generations[index])
+            head, entries, offsets[index] = _echo(engine, job, index, generations[index])
             text = head + text
-            offsets[index] = _end(entries)
         if logprobs:
             new = generations[index].logprobs[sent[index] :]
             sent[index] += len(new)
-            block, offsets[index] = _completion_logprobs(engine, new, offsets[index])
+            block, offsets[index] = _answer_logprobs(engine, new, offsets[index])
             entries = block if entries is None else _joined(entries, block)
         choice = {"index": index, "text": text, "logprobs": entries, "finish_reason": finish_reason}
         return _sse({**base, "choices": [choice]})

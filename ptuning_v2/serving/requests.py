@@ -65,13 +65,7 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         return bool(self.logit_bias) or (
-            self.presence_penalty,
-            self.frequency_penalty,
-            self.repetition_penalty,
-        ) != (
-            0.0,
-            0.0,
-            1.0,
+            self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
         )
 
 
