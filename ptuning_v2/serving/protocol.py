@@ -430,6 +430,11 @@ class ChatRequest:
 # -------------------------------------------------------------------------------------- completions
 
 
+def _is_token_ids(value: Any) -> bool:
+    """A non-empty list of integers (JSON's true/false are not token ids)."""
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
 def _prompts(
     engine: Engine, body: dict[str, Any], limits: RequestLimits
 ) -> tuple[list[list[int]], list[str]]:
@@ -437,12 +442,7 @@ def _prompts(
     if "prompt" not in body:
         raise APIError(400, "'prompt' is a required property", "prompt")
     prompt = body["prompt"]
-    is_ids = (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    )
-    many = [prompt] if isinstance(prompt, str) or is_ids else prompt
+    many = [prompt] if isinstance(prompt, str) or _is_token_ids(prompt) else prompt
     if not isinstance(many, list) or not many:
         raise APIError(
             400, "'prompt' must be a string, an array of strings or token ids, or arrays of them", "prompt"
@@ -462,11 +462,7 @@ def _prompts(
                 )
             ids.append(engine.tokenizer(item)["input_ids"])
             texts.append(item)
-        elif (
-            isinstance(item, list)
-            and item
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
-        ):
+        elif _is_token_ids(item):
             if len(item) > engine.context_length:
                 raise _context_exceeded(engine, len(item), None, where)
             bad = [t for t in item if not 0 <= t < engine.vocab_size]
