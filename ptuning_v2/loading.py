@@ -111,7 +111,7 @@ def load_model(
     dtype = resolve_dtype(torch_dtype, quantization_bit)
     quant = quantization_config(quantization_bit, dtype)
     if quant is not None and torch_dtype in (None, "auto") and not torch.cuda.is_available():
-        print(f"note: {compute_dtype_note(dtype)}", file=sys.stderr, flush=True)
+        print(f"note: {compute_dtype_note()}", file=sys.stderr, flush=True)
     if _is_chatglm(model_name_or_path):
         from .chatglm import load_chatglm_as_glm
 

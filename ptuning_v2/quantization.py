@@ -61,13 +61,13 @@ def cpu_compute_dtype(quantized: bool) -> str:
     return "bf16" if quantized and cpu_bf16_flags() else "fp32"
 
 
-def compute_dtype_note(dtype: torch.dtype) -> str:
-    """The line that says which compute dtype a quantised CPU backbone got, and why."""
-    if dtype == torch.bfloat16:
+def compute_dtype_note() -> str:
+    """The line that says which compute dtype a quantised backbone gets on this CPU by default, and why."""
+    name = cpu_compute_dtype(quantized=True)
+    if name == "bf16":
         why = f"this CPU has {'/'.join(cpu_bf16_flags()).upper()}"
     else:
         why = f"this CPU has none of {'/'.join(BF16_CPU_FLAGS).upper()}"
-    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     return f"quantized backbone on CPU: {name} compute ({why}); --torch_dtype (TORCH_DTYPE=) sets another"
 
 
