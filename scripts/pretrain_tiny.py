@@ -37,7 +37,6 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers import GenerationConfig, GlmConfig, GlmForCausalLM, PreTrainedTokenizerBase
 
@@ -45,7 +44,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from ptuning_v2.files import atomic_directory  # noqa: E402
-from ptuning_v2.tasks import COPY_INSTRUCTION  # noqa: E402
+from ptuning_v2.retention import summed_nll  # noqa: E402
+from ptuning_v2.tasks import (  # noqa: E402
+    COPY_INSTRUCTION,
+    continuation_chat,
+    listing_chat,
+    read_tagged,
+)
 from ptuning_v2.tokenization import build_chatglm_tokenizer, chatglm3_message_ids  # noqa: E402
 
 SP_MODEL_NAME = "sentencepiece.model"  # kept next to the model for provenance; not read by AutoTokenizer
@@ -158,8 +163,7 @@ def build_documents(
                 # Copying is the generic skill that extraction needs; the reply is the whole text.
                 plans.append((COPY_INSTRUCTION + text, text))
                 continue
-            cut = rng.randint(math.ceil(0.3 * len(text)), math.floor(0.7 * len(text)))
-            plans.append((text[:cut], text[cut:]))
+            plans.append(continuation_chat(text, rng))
         else:
             plans.append((text,))
     chat_docs = iter(encode_chats([plan for plan in plans if len(plan) == 2], tokenizer))
@@ -170,53 +174,6 @@ def build_documents(
     n_chat = sum(len(plan) == 2 for plan in plans)
     n_copy = sum(len(plan) == 2 and plan[0] == COPY_INSTRUCTION + plan[1] for plan in plans)
     return docs, n_chat, n_copy
-
-
-# Word classes of the PKU tag set that the listing chats ask for. The entity tags (nr person, ns place,
-# nt organisation, nz other proper noun, j abbreviation, nx foreign string) are never asked for: they are
-# the NER task's answers.
-LISTING_CLASSES: dict[str, frozenset[str]] = {
-    "名词": frozenset({"n"}),
-    "动词": frozenset({"v"}),
-    "动名词": frozenset({"vn"}),
-    "形容词": frozenset({"a", "ad", "an"}),
-    "副词": frozenset({"d"}),
-    "数词": frozenset({"m"}),
-    "量词": frozenset({"q"}),
-    "时间词": frozenset({"t"}),
-    "代词": frozenset({"r"}),
-    "方位词": frozenset({"f"}),
-    "处所词": frozenset({"s"}),
-    "介词": frozenset({"p"}),
-    "连词": frozenset({"c"}),
-    "助词": frozenset({"u"}),
-    "成语": frozenset({"i"}),
-    "区别词": frozenset({"b"}),
-}
-LISTING_INSTRUCTION = "列出这句话里的{}："
-
-
-def listing_chat(words: list[str], tags: list[str], rng: random.Random) -> tuple[str, str]:
-    """A generic extraction chat over one tagged sentence: ask for 1-3 word classes, answer with the
-    words of each class found, in order (``类：词、词；类：词``, ``无`` when none is found). It teaches the
-    backbone to read an instruction and copy spans of its input; the classes never include an entity tag."""
-    classes = rng.sample(sorted(LISTING_CLASSES), rng.randint(1, 3))
-    parts = []
-    for name in classes:
-        found = [w for w, t in zip(words, tags) if t in LISTING_CLASSES[name]]
-        if found:
-            parts.append(f"{name}：{'、'.join(dict.fromkeys(found))}")
-    return LISTING_INSTRUCTION.format("、".join(classes)) + "".join(words), "；".join(parts) or "无"
-
-
-def read_tagged(path: Path) -> list[tuple[list[str], list[str]]]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        row = json.loads(line)
-        if len(row["words"]) != len(row["tags"]):
-            raise ValueError(f"{path}:{n}: {len(row['words'])} words but {len(row['tags'])} tags")
-        rows.append((row["words"], row["tags"]))
-    return rows
 
 
 def encode_chats(chats: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
@@ -380,28 +337,12 @@ def train(model: GlmForCausalLM, rows: torch.Tensor, pad_id: int, args: argparse
 # ---------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
 def heldout_nll(
     model: GlmForCausalLM, docs: list[list[int]], pad_id: int, batch_size: int = 32
 ) -> tuple[float, int]:
-    """Summed NLL of every token after ``[gMASK] sop`` (the text and ``</s>``), and the token count."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(docs), batch_size):
-        chunk = docs[i : i + batch_size]
-        width = max(len(d) for d in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, doc in enumerate(chunk):
-            ids[row, : len(doc)] = torch.tensor(doc)
-            mask[row, : len(doc)] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = ids[:, 1:].clone()
-        targets[mask[:, 1:] == 0] = -100
-        targets[:, 0] = -100  # predicting "sop" after "[gMASK]" is not language modelling
-        total += F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum").item()
-        count += int((targets != -100).sum())
-    return total, count
+    """Summed NLL of every token after ``[gMASK] sop`` (the text and ``</s>``), and the token count: the held-out
+    perplexity of the retention score (``ptuning_v2.retention``), on documents built here."""
+    return summed_nll(model, [(doc, [-100, -100, *doc[2:]]) for doc in docs], pad_id, batch_size)
 
 
 def unigram_nll(train_docs: list[list[int]], eval_docs: list[list[int]], vocab: int) -> tuple[float, int]:

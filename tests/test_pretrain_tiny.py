@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tiny_models import char_tokenizer
 
-from ptuning_v2.tasks import NER_TAG_TO_TYPE, NER_TYPES
+from ptuning_v2.tasks import LISTING_CLASSES, NER_TAG_TO_TYPE, NER_TYPES
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("pretrain_tiny", REPO / "scripts" / "pretrain_tiny.py")
@@ -25,7 +25,7 @@ TAGS = ["nr", "nr", "p", "ns", "v", "u", "nt", "n", "w"]
 
 def test_listing_chat_never_asks_for_entities() -> None:
     entity_tags = set(NER_TAG_TO_TYPE) | {"nz", "j", "nx"}
-    for tags in pretrain.LISTING_CLASSES.values():
+    for tags in LISTING_CLASSES.values():
         assert not tags & entity_tags
     rng = random.Random(0)
     for _ in range(200):
@@ -45,7 +45,7 @@ def test_listing_chat_answers_from_the_tags() -> None:
         asked = user.removeprefix("列出这句话里的").split("：")[0].split("、")
         expected = {}
         for name in asked:
-            words = [w for w, t in zip(WORDS, TAGS) if t in pretrain.LISTING_CLASSES[name]]
+            words = [w for w, t in zip(WORDS, TAGS) if t in LISTING_CLASSES[name]]
             if words:
                 expected[name] = "、".join(words)
         if not expected:
