@@ -104,7 +104,7 @@ def load_conversations(
     ``messages``) is detected from the first record and then required of every record.
     """
     path = os.path.abspath(os.fspath(path))
-    raw, records, kind = _read(path, config)
+    raw, records, kind, _ = _read(path, config)
     # Keyed on content, config and this module's code, so an edited file or a code change never
     # reuses a stale cache (the path alone would).
     fingerprint = _hash(raw, json.dumps(asdict(config), sort_keys=True).encode(), _module_digest().encode())
@@ -125,22 +125,39 @@ def load_conversations(
     return dataset
 
 
-def read_conversations(path: str | os.PathLike, config: DataConfig) -> tuple[tuple[dict, ...], str]:
-    """Every record of a data file as ``{"messages": [...]}`` and the file's format (``"columns"``,
+def read_conversations(
+    path: str | os.PathLike, config: DataConfig
+) -> tuple[list[tuple[str, list[dict]]], str]:
+    """Every record of a data file as ``(file:line, messages)`` and the file's format (``"columns"``,
     ``"conversations"`` or ``"messages"``), validated as ``load_conversations`` does, without building a dataset:
-    what the settings checks read (the format of a mix file, the texts it holds)."""
-    _, records, kind = _read(os.path.abspath(os.fspath(path)), config)
-    return records, kind
+    what the settings checks read (the texts a mix file holds, and where)."""
+    _, records, kind, locations = _read(os.path.abspath(os.fspath(path)), config)
+    return [(where, record["messages"]) for where, record in zip(locations, records)], kind
 
 
-def _read(path: str, config: DataConfig) -> tuple[bytes, tuple[dict, ...], str]:
+def conversation_format(path: str | os.PathLike) -> str | None:
+    """The format of a data file as its first record shows it (``"columns"``, ``"conversations"`` or
+    ``"messages"``; every record must have it), or None for a file without a first record to tell."""
+    path = os.path.abspath(os.fspath(path))
+    text = decode_utf8(path, Path(path).read_bytes())
+    parse = iter_json_array if text.lstrip().startswith("[") else iter_json_lines
+    for _, obj in parse(path, text):
+        return _format_of(obj) if isinstance(obj, dict) else None
+    return None
+
+
+def _format_of(obj: dict) -> str:
+    return "messages" if "messages" in obj else "conversations" if "conversations" in obj else "columns"
+
+
+def _read(path: str, config: DataConfig) -> tuple[bytes, tuple[dict, ...], str, list[str]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     raw = Path(path).read_bytes()
-    records, kind = _normalised_records(path, decode_utf8(path, raw), config)
+    records, kind, locations = _normalised_records(path, decode_utf8(path, raw), config)
     if not records:
         raise ValueError(f"{path}: no examples (the file is empty or holds only blank lines)")
-    return raw, records, kind
+    return raw, records, kind, locations
 
 
 _SOURCE_TAG = "ptuning_v2.data source: "
@@ -206,12 +223,15 @@ def _module_digest() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
-def _normalised_records(path: str, text: str, config: DataConfig) -> tuple[tuple[dict, ...], str | None]:
-    """Every record as ``{"messages": [...]}``, and the format detected from the first one."""
+def _normalised_records(
+    path: str, text: str, config: DataConfig
+) -> tuple[tuple[dict, ...], str | None, list[str]]:
+    """Every record as ``{"messages": [...]}``, the format detected from the first one, and each record's
+    ``file:line``."""
     # A file that starts with "[" is one JSON list of rows, whatever its extension says.
     parse = iter_json_array if text.lstrip().startswith("[") else iter_json_lines
     kind = None
-    records = []
+    records, locations = [], []
     for location, obj in parse(path, text):
         if not isinstance(obj, dict):
             raise ValueError(
@@ -219,16 +239,15 @@ def _normalised_records(path: str, text: str, config: DataConfig) -> tuple[tuple
                 f"{json.dumps(obj, ensure_ascii=False)[:80]}"
             )
         if kind is None:
-            kind = (
-                "messages" if "messages" in obj else "conversations" if "conversations" in obj else "columns"
-            )
+            kind = _format_of(obj)
         if kind == "columns":
             messages = _columns_to_messages(obj, location, config)
         else:
             messages = _turns_to_messages(_require(obj, kind, location), location, kind)
         _check_conversation(messages, location)
         records.append({"messages": _with_prefix(messages, config.source_prefix)})
-    return tuple(records), kind
+        locations.append(location)
+    return tuple(records), kind, locations
 
 
 def iter_json_lines(path: str, text: str) -> Iterator[tuple[str, Any]]:

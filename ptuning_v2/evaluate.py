@@ -7,6 +7,10 @@ The generation flags are ``GenerationSettings``' and the data flags ``DataConfig
 written by ``ptuning_v2.train`` brings its run's data settings (``run_config.yaml``: columns, source length), so
 prompts are cut as in training unless a flag says otherwise. Scores come from ``evaluate/rouge.py`` on the file
 this writes (``scripts/evaluate.sh`` runs both); the package's own scores go to ``metrics.json``.
+
+``--retention`` (``RETENTION=true``) also scores the general set of ``ptuning_v2.retention`` (and ``--retention_file``,
+a general file of your own), for any backbone: with the checkpoint's method on and for the bare backbone, into
+``retention.json`` and a before/after table (``retention_table.md``); without a checkpoint, the backbone's scores.
 """
 
 from __future__ import annotations
@@ -55,13 +59,14 @@ def run_config_of(checkpoint: str | None) -> dict[str, Any]:
     return {}
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[EvaluateArguments, Any, Any]:
+def parse_args(argv: list[str] | None = None) -> tuple[EvaluateArguments, Any, Any, Any]:
     from transformers import HfArgumentParser
 
     from .data import DataConfig
     from .generation import GenerationSettings
+    from .retention import RetentionSettings
 
-    parser = HfArgumentParser((EvaluateArguments, GenerationSettings, DataConfig))
+    parser = HfArgumentParser((EvaluateArguments, GenerationSettings, DataConfig, RetentionSettings))
     for action in parser._actions:  # every boolean flag takes the spellings of parse_bool
         if action.type is not None and getattr(action.type, "__name__", "") == "string_to_bool":
             action.type = parse_bool
@@ -70,19 +75,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[EvaluateArguments, Any, A
     recorded = run_config_of(first.checkpoint)
     data_fields = {f.name for f in fields(DataConfig)} - {"max_target_length"}
     parser.set_defaults(**{k: v for k, v in recorded.items() if k in data_fields})
-    args, generation, data = parser.parse_args_into_dataclasses(args=argv)
-    problems = settings_problems(args, generation, data)
+    args, generation, data, retention = parser.parse_args_into_dataclasses(args=argv)
+    problems = settings_problems(args, generation, data, retention)
     if problems:
         parser.exit(2, "".join(f"error: {problem}\n" for problem in problems))
-    return args, generation, data
+    return args, generation, data, retention
 
 
-def settings_problems(args: EvaluateArguments, generation: Any, data: Any) -> list[str]:
+def settings_problems(
+    args: EvaluateArguments, generation: Any, data: Any, retention: Any = None
+) -> list[str]:
     """Everything wrong with the settings, found before anything is loaded, each naming its flag and value."""
+    from . import retention as general_set
     from .loading import check_model_path, quantization_config, resolve_dtype
     from .metrics import TASKS
 
-    problems = []
+    problems = general_set.settings_problems(retention) if retention is not None else []
     values = {
         "batch_size": args.batch_size,
         "max_samples": args.max_samples,
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> Path:
     from .generation import evaluate_dataset
     from .loading import load_model, load_tokenizer
 
-    args, generation, data = parse_args(argv)
+    args, generation, data, retention = parse_args(argv)
     output_dir = Path(args.output_dir)
     tokenizer = load_tokenizer(args.model)
     raw = load_conversations(args.test_file, data, cache_dir=str(output_dir / ".data_cache"))
@@ -146,7 +154,45 @@ def main(argv: list[str] | None = None) -> Path:
     atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {path} ({speed['examples']} examples, {speed['examples_per_second']} ex/s, "
           f"{speed['new_tokens_per_second']} new tokens/s)", flush=True)  # fmt: skip
+    if retention.retention:
+        score_retention(args, data, retention, model, tokenizer)
     return path
+
+
+def score_retention(
+    args: EvaluateArguments, data: Any, settings: Any, model: Any, tokenizer: Any
+) -> dict[str, Any]:
+    """The general set with the checkpoint's method on and for the bare backbone (loaded again when the checkpoint
+    is a whole fine-tuned model); writes ``retention.json``, ``retention_table.md`` and the probes' answers."""
+    from .files import atomic_write_text
+    from .loading import load_model
+    from .methods import tuning_of
+    from .retention import ANSWERS_FILE, RetentionSet, write_answers
+    from .training.scoring import comparison_table
+
+    output_dir = Path(args.output_dir)
+    general = RetentionSet(
+        settings, tokenizer, args.batch_size, data.max_source_length, data.max_target_length
+    )
+    after, answers = general.score(model)
+    write_answers(output_dir / ANSWERS_FILE, answers)
+    before = None
+    if args.checkpoint:
+        handle = tuning_of(model)
+        if handle.saves_backbone:  # no bare backbone inside a fully fine-tuned model
+            bare = load_model(args.model, None, args.quantization_bit, args.torch_dtype)
+            before, answers = general.score(bare)
+        else:
+            with handle.bare():
+                before, answers = general.score(model)
+        write_answers(output_dir / "before" / ANSWERS_FILE, answers)
+    method = tuning_of(model).name if args.checkpoint else "backbone"
+    table = comparison_table(None, None, method, before, after, general.labels)
+    scores = {"before": before, "after": after} if args.checkpoint else {"backbone": after}
+    atomic_write_text(output_dir / "retention.json", json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(output_dir / "retention_table.md", table + "\n")
+    print(f"\ngeneral ability ({args.checkpoint or args.model}):\n{table}\n", flush=True)
+    return scores
 
 
 if __name__ == "__main__":

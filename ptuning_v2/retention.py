@@ -255,7 +255,8 @@ class _Probe:
 
 class RetentionSet:
     """The general set, read and tokenized once; ``score(model)`` scores any model over the same tokenizer (with
-    its method on, or inside ``model.tuning.bare()``).
+    its method on, or inside ``model.tuning.bare()``). ``max_source_length``/``max_target_length`` cut the pairs of
+    a user's file as training would.
 
     Raises ``ValueError`` naming file and line for a bad file (``OSError`` for an unreadable one)."""
 
@@ -278,7 +279,8 @@ class RetentionSet:
         self.file_kind = ""
 
         def prompt(text: str) -> list[int]:
-            return generation_prompt_ids([{"role": "user", "content": text}], tokenizer, max_source_length)
+            # The probes are a fixed set: their prompts are never cut to a run's --max_source_length.
+            return generation_prompt_ids([{"role": "user", "content": text}], tokenizer)
 
         def probe(key: str, questions: list[str], references: list[str]) -> _Probe:
             longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)

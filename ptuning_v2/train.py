@@ -25,9 +25,11 @@ This file is the recipe; its parts live in ``ptuning_v2/training/``. A run, step
    (``training.scoring``).
 6. ``make_trainer`` (``training.trainer``): the HF Trainer hooked to save what the method trains, write
    checkpoints atomically and stop a run that went bad.
-7. Full fine-tuning with ``--compare_with_base``: score the backbone first (no bare backbone is left afterwards).
+7. Full fine-tuning with ``--compare_with_base`` or ``--retention``: score the backbone first (no bare backbone is
+   left afterwards).
 8. ``train``: train (or resume), save the checkpoint, plot the loss curve.
-9. Score the validation set (before/after table), predict on the test set, write ``all_results.json``.
+9. Score the validation set and (``--retention``) the general set of ``ptuning_v2.retention``, with the method and
+   without: one before/after table; predict on the test set, write ``all_results.json``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from .loading import load_model, load_tokenizer
 from .methods import attach_method, count_parameters, read_checkpoint, tuning_of
 from .training.output import OutputPlan, OutputWriteError, rotate_run_checkpoints, start_run, writing
 from .training.scoring import (
+    Retainer,
     conversations,
     evaluate_before_after,
     generation_scorer,
@@ -167,16 +170,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     output_dir = Path(args.output_dir)
     evaluating = args.do_eval and datasets.eval_generate is not None
-    before = None
-    if evaluating and settings.data.compare_with_base and tuning_of(model).saves_backbone:
+    # The general set is read (and a bad file named) before training, not after it.
+    retain = Retainer(settings, model, tokenizer) if settings.data.retention else None
+    before: dict[str, Any] = {}
+    if tuning_of(model).saves_backbone:
         # Full fine-tuning leaves no bare backbone afterwards: score it first.
         with writing(output_dir, "writing the backbone's predictions on the validation set"):
-            before = score("before", datasets.eval_generate)
+            if evaluating and settings.data.compare_with_base:
+                before["task"] = score("before", datasets.eval_generate)
+            if retain is not None:
+                before["retention"] = retain("before")
     if args.do_train:
         results["train"] = train(trainer, plan)
-    if evaluating:
-        with writing(output_dir, "writing the predictions and scores of the validation set"):
-            results["eval"] = evaluate_before_after(settings, model, datasets, score, before)
+    if evaluating or retain is not None:
+        with writing(output_dir, "writing the predictions and scores of the validation and general sets"):
+            results.update(evaluate_before_after(settings, model, datasets, score, before, retain))
     if datasets.test is not None:
         with writing(output_dir, "writing the predictions of the test set"):
             results["predict"] = score("predict", datasets.test)

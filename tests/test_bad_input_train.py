@@ -388,11 +388,17 @@ def script_error(result: subprocess.CompletedProcess, *expected: str) -> None:
         ("VALIDATION_FILE={tmp}/dev.json", "dev.json: no such file"),
         ("DS_CONFIG={tmp}/ds.json", "DS_CONFIG"),
         ("RESUME={tmp}/checkpoint-9", "RESUME"),
+        ("RETENTION=maybe", "RETENTION must be true or false"),
+        ("RETENTION_FILE={tmp}/general.jsonl", "general.jsonl: no such file"),
+        ("MIX_RATIO=1", "MIX_RATIO must be a number in [0, 1)"),
+        ("MIX_RATIO=-0.1", "MIX_RATIO must be a number in [0, 1)"),
+        ("MIX_RATIO=much", "MIX_RATIO must be a number in [0, 1)"),
+        ("MIX_FILE={tmp}/general.json", "MIX_FILE={tmp}/general.json: no such file"),
     ],
 )
 def test_train_script_refuses_bad_settings(workdir, tmp_path, setting, expected):
     out = tmp_path / "out"
-    setting = setting.format(tmp=tmp_path)
+    setting, expected = setting.format(tmp=tmp_path), expected.format(tmp=tmp_path)
     result = run("scripts/train_pt2.sh", *script_settings(workdir, out), setting)
     script_error(result, expected, setting.split("=", 1)[0])
     assert not out.exists()
@@ -411,6 +417,8 @@ def test_train_script_refuses_bad_settings(workdir, tmp_path, setting, expected)
         ("QUANTIZATION_BIT=2", "QUANTIZATION_BIT"),
         ("CHECKPOINT={tmp}/none", "CHECKPOINT"),
         ("TEST_FILE={tmp}/none.json", "TEST_FILE"),
+        ("RETENTION=sometimes", "RETENTION must be true or false"),
+        ("RETENTION_FILE={tmp}/general.txt", "RETENTION_FILE"),
     ],
 )
 def test_evaluate_script_refuses_bad_settings(workdir, tmp_path, setting, expected):

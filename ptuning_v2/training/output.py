@@ -23,6 +23,7 @@ from accelerate import PartialState
 from transformers import get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .. import mixing
 from ..files import intended_path
 from ..spellings import BOOLEAN_WORDS
 from .settings import (
@@ -230,6 +231,10 @@ def start_run(settings: RunSettings) -> OutputPlan:
     args = settings.training
     check_settings(settings)
     plan = plan_output_dir(args, args.process_index == 0)
+    if plan.resume:
+        problem = mixing.resume_problem(plan.resume, settings.data.mix_files(), settings.data.mix_ratio)
+        if problem:
+            raise SettingsError(problem)
     state = PartialState()
     state.wait_for_everyone()  # every process has read the output directory before it changes
     if args.should_save:

@@ -5,23 +5,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import datasets as hf_datasets
 import torch
 
-from .. import nlu
+from .. import nlu, retention
 from ..data import DataConfig, load_conversations, tokenize_for_generation, tokenize_for_training
 from ..files import atomic_open, atomic_write_text
 from ..generation import evaluate_dataset
 from ..methods import tuning_of
+from ..mixing import MixPlan
 from .output import writing
 from .settings import RunSettings, SettingsError
 
 # ``score(name, examples)``: generate or predict, write the predictions under <output_dir>/<name>/, and score.
 Scorer = Callable[[str, Any], dict[str, Any]]
+# ``retain(name)``: score the general set (``ptuning_v2.retention``) with the model as it is now, write the probes'
+# answers under <output_dir>/<name>/; the table's labels are its ``labels``.
 
 
 @dataclass
@@ -30,6 +33,7 @@ class Datasets:
     eval_loss: Any = None  # tokenized for the loss (--eval_strategy)
     eval_generate: Any = None  # prompts only, for generate + score
     test: Any = None
+    mix: MixPlan | None = None  # train holds the task's examples, then the mixed ones (--mix_file)
 
 
 def _limit(dataset, n: int | None):
@@ -66,6 +70,16 @@ def load_datasets(settings: RunSettings, tokenizer: Any, labels: list[Any] | Non
     with cache_write, args.main_process_first(desc="tokenize"):
         if args.do_train:
             found.train = tokenized(data_args.train_files(), data_args.max_train_samples, False)
+            if data_args.mix_ratio and data_args.mix_files():
+                # The general chats keep their own prompts: the task's --source_prefix is not theirs.
+                mix_config = DataConfig(**{**asdict(data_config), "source_prefix": ""})
+                raw = conversations(data_args.mix_files(), mix_config, cache_dir, args.seed)
+                mixed, stats = tokenize_for_training(raw, tokenizer, mix_config)
+                print(
+                    f"{data_args.mix_file} (mix, {data_args.mix_ratio:g} of every batch): {stats.summary()}"
+                )
+                found.mix = MixPlan(data_args.mix_files(), data_args.mix_ratio, len(found.train), len(mixed))
+                found.train = hf_datasets.concatenate_datasets([found.train, mixed])
         if data_args.validation_file and args.eval_strategy != "no":
             found.eval_loss = tokenized([data_args.validation_file], data_args.max_eval_samples, False)
         if data_args.validation_file and (args.do_eval or data_args.eval_generate_steps):
@@ -176,7 +190,7 @@ def nlu_scorer(settings: RunSettings, model: torch.nn.Module, tokenizer: Any, la
 
 def start_head(settings: RunSettings, labels: list[Any] | None, tokenizer: Any) -> dict[str, Any]:
     """For an NLU head: record its labels in the output directory, turn off ``--compare_with_base`` (a random
-    head scores nothing without training), and return the ``load_model`` arguments that build it."""
+    head scores nothing without training) and ``--retention`` (a head does not generate), and return the ``load_model`` arguments that build it."""
     if labels is None:
         return {}
     task_type, args = settings.data.task_type, settings.training
@@ -187,6 +201,13 @@ def start_head(settings: RunSettings, labels: list[Any] | None, tokenizer: Any) 
             flush=True,
         )
         settings.data.compare_with_base = False
+    if settings.data.retention:
+        print(
+            f"note: --retention skipped for --task_type {task_type}: a task head does not generate, so the general "
+            "set's probes have no answers to score",
+            flush=True,
+        )
+        settings.data.retention = False
     if args.do_train and args.should_save:
         nlu.write_labels(args.output_dir, task_type, labels)
     return nlu.model_kwargs(task_type, labels, tokenizer.pad_token_id)
@@ -195,37 +216,100 @@ def start_head(settings: RunSettings, labels: list[Any] | None, tokenizer: Any) 
 # ---------------------------------------------------------------- reporting
 
 
+class Retainer:
+    """``retain(name)``: the retention metrics of the model as it is now (with its method on, or inside
+    ``model.tuning.bare()``); the probes' answers go to ``<output_dir>/<name>/retention_answers.jsonl``."""
+
+    def __init__(self, settings: RunSettings, model: torch.nn.Module, tokenizer: Any) -> None:
+        data, args = settings.data, settings.training
+        self.model, self.output_dir, self.is_main = model, Path(args.output_dir), args.process_index == 0
+        self.set = retention.RetentionSet(
+            data, tokenizer, args.per_device_eval_batch_size, data.max_source_length, data.max_target_length
+        )
+        self.labels = self.set.labels
+
+    def __call__(self, name: str) -> dict[str, Any]:
+        metrics, answers = self.set.score(self.model)
+        if self.is_main:
+            retention.write_answers(self.output_dir / name / retention.ANSWERS_FILE, answers)
+            print(f"[retention {name or 'after'}] " + json.dumps(metrics, ensure_ascii=False), flush=True)
+        return metrics
+
+
 def evaluate_before_after(
     settings: RunSettings,
     model: torch.nn.Module,
     datasets: Datasets,
     score: Scorer,
     before: dict[str, Any] | None = None,
+    retain: Retainer | None = None,
 ) -> dict[str, Any]:
-    """Score the validation set with the method, and (``--compare_with_base``) without it; write the table."""
-    if before is None and settings.data.compare_with_base:
-        with tuning_of(model).bare():
-            before = score("before", datasets.eval_generate)
-    after = score("", datasets.eval_generate)
+    """Score the validation set with the method and (``--compare_with_base``) without it, and the general set
+    (``--retention``) with and without it; write one table of both.
+
+    ``before``: what the backbone alone scored before training (``"task"``, ``"retention"``), for full fine-tuning,
+    which leaves no bare backbone afterwards. Returns ``{"eval": {"before", "after"}}`` for the task and
+    ``{"retention": {"before", "after"}}`` for the general set, as far as each was scored."""
+    before = dict(before or {})
+    evaluating = datasets.eval_generate is not None
+    handle = tuning_of(model)
+    if not handle.saves_backbone:
+        with handle.bare():
+            if evaluating and settings.data.compare_with_base and "task" not in before:
+                before["task"] = score("before", datasets.eval_generate)
+            if retain is not None and "retention" not in before:
+                before["retention"] = retain("before")
+    after = {}
+    if evaluating:
+        after["task"] = score("", datasets.eval_generate)
+    if retain is not None:
+        after["retention"] = retain("")
     if settings.training.process_index == 0:
-        table = comparison_table(before, after, tuning_of(model).name)
-        print(
-            f"\nvalidation ({len(datasets.eval_generate)} examples, {settings.data.validation_file}):\n{table}\n",
-            flush=True,
+        table = comparison_table(
+            before.get("task"), after.get("task"), handle.name, before.get("retention"), after.get("retention"),
+            retain.labels if retain is not None else None,
+        )  # fmt: skip
+        what = (
+            f"validation ({len(datasets.eval_generate)} examples, {settings.data.validation_file})"
+            if evaluating
+            else "retention"
         )
+        print(f"\n{what}:\n{table}\n", flush=True)
         atomic_write_text(Path(settings.training.output_dir) / "eval_table.md", table + "\n")
-    return {"before": before, "after": after}
+    results: dict[str, Any] = {}
+    if evaluating:
+        results["eval"] = {"before": before.get("task"), "after": after["task"]}
+    if retain is not None:
+        results["retention"] = {"before": before["retention"], "after": after["retention"]}
+    return results
 
 
-def comparison_table(before: dict[str, Any] | None, after: dict[str, Any], method: str = "prefix") -> str:
-    keys = [k for k in after if k != "speed"]
-    if before is None:
-        rows = [f"| {k} | {after[k]:.2f} |" for k in keys]
-        return "\n".join(["| metric | score |", "|---|---:|", *rows])
-    rows = [f"| {k} | {before[k]:.2f} | {after[k]:.2f} | {after[k] - before[k]:+.2f} |" for k in keys]
-    return "\n".join(
-        [f"| metric | before (backbone alone) | after ({method}) | change |", "|---|---:|---:|---:|", *rows]
-    )
+def comparison_table(
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    method: str = "prefix",
+    retention_before: dict[str, Any] | None = None,
+    retention_after: dict[str, Any] | None = None,
+    retention_labels: dict[str, str] | None = None,
+) -> str:
+    """The before/after table: the task's metrics, then the retention rows (``retention: <label>``). A before
+    column appears when anything was scored without the method; a task metric without it shows ``–``."""
+    rows: list[tuple[str, float | None, float]] = []
+    for key in [k for k in (after or {}) if k != "speed"]:
+        rows.append((key, (before or {}).get(key), after[key]))
+    for key, label in (retention_labels or {}).items():
+        if retention_after and key in retention_after:
+            rows.append((f"retention: {label}", (retention_before or {}).get(key), retention_after[key]))
+    if before is None and retention_before is None:
+        return "\n".join(["| metric | score |", "|---|---:|", *(f"| {k} | {a:.2f} |" for k, _, a in rows)])
+    lines = [f"| metric | before (backbone alone) | after ({method}) | change |", "|---|---:|---:|---:|"]
+    for key, b, a in rows:
+        lines.append(
+            f"| {key} | {b:.2f} | {a:.2f} | {a - b:+.2f} |"
+            if b is not None
+            else f"| {key} | – | {a:.2f} | – |"
+        )
+    return "\n".join(lines)
 
 
 def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path | None:

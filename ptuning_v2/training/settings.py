@@ -16,7 +16,7 @@ import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 from transformers.hf_argparser import string_to_bool
 
-from .. import nlu
+from .. import mixing, nlu, retention
 from ..data import DataConfig
 from ..files import atomic_write_text
 from ..generation import GenerationSettings
@@ -51,8 +51,9 @@ MethodArguments = make_dataclass(
 
 
 @dataclass
-class DataArguments(DataConfig):
-    """The data settings of ``DataConfig`` (columns, lengths, source prefix) plus the run's data options."""
+class DataArguments(DataConfig, retention.RetentionSettings):
+    """The data settings of ``DataConfig`` (columns, lengths, source prefix), the general set of the retention
+    score (``RetentionSettings``), plus the run's data options."""
 
     train_file: str | None = field(
         default=None,
@@ -79,9 +80,28 @@ class DataArguments(DataConfig):
         },
     )
 
+    mix_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "general data interleaved into every batch (comma-separated files, the task's format); "
+            f"default for the embedded backbone: {mixing.BUNDLED_MIX}"
+        },
+    )
+    mix_ratio: float = field(
+        default=0.0, metadata={"help": "the share of every training batch taken from --mix_file, in [0, 1)"}
+    )
+
     def train_files(self) -> list[str]:
         """``--train_file`` as a list: several files (comma-separated) train one prefix on their mix."""
-        return [p.strip() for p in (self.train_file or "").split(",") if p.strip()]
+        return _paths(self.train_file)
+
+    def mix_files(self) -> list[str]:
+        """``--mix_file`` as a list (comma-separated)."""
+        return _paths(self.mix_file)
+
+
+def _paths(value: str | None) -> list[str]:
+    return [p.strip() for p in (value or "").split(",") if p.strip()]
 
 
 @dataclass
@@ -213,7 +233,15 @@ def parse_args(argv: list[str] | None = None) -> RunSettings:
     model_args, method_args, data_args, generation, training = parsed[:5]
     if derive_output_dir:
         training.output_dir = default_output_dir(model_args, method_args, data_args, training)
+    if data_args.mix_ratio and not data_args.mix_file and _is_embedded(model_args.model_name_or_path):
+        # The embedded backbone's own chat kinds are its general data (recorded in run_config.yaml as the mix).
+        data_args.mix_file = mixing.BUNDLED_MIX
     return RunSettings(model_args, method_args, data_args, generation, training)
+
+
+def _is_embedded(model: str) -> bool:
+    """The backbone is the embedded one (the default ``--model_name_or_path``), wherever it is named from."""
+    return Path(model).resolve() == Path(ModelArguments.model_name_or_path).resolve()
 
 
 def _short_number(value: float) -> str:
@@ -337,6 +365,22 @@ def settings_problems(settings: RunSettings) -> list[str]:
     for path in data_args.train_files() or [None]:
         data_file("train_file", path, "--do_train needs" if args.do_train else None)
     problems += _task_type_problems(settings)
+    if data_args.task_type == "generation":  # an NLU head skips retention (start_head says so)
+        problems += retention.settings_problems(data_args)
+    held_out = [
+        (flag, path)
+        for flag, path in (("validation_file", data_args.validation_file), ("test_file", data_args.test_file))
+        if path and Path(path).is_file()
+    ]
+    if args.do_train or data_args.mix_file:
+        problems += mixing.settings_problems(
+            data_args.mix_files(),
+            data_args.mix_ratio,
+            [p for p in data_args.train_files() if Path(p).is_file()],
+            held_out,
+            DataConfig(**{f.name: getattr(data_args, f.name) for f in fields(DataConfig)}),
+            data_args.task_type,
+        )
     evaluating = args.do_eval or data_args.eval_generate_steps
     data_file(
         "validation_file",

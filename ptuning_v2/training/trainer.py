@@ -26,6 +26,7 @@ from ..checkpoint import CheckpointError
 from ..data import training_collator
 from ..files import atomic_directory, atomic_open, swap_directory
 from ..methods import read_checkpoint, tuning_of
+from ..mixing import MixPlan, write_record
 from .output import rotate_run_checkpoints, writing
 from .scoring import Datasets, Scorer
 from .settings import RunSettings
@@ -134,11 +135,18 @@ class TuningTrainer(Trainer):
     checkpoints atomically, and stops on a non-finite loss or trained weights gone bad."""
 
     def __init__(
-        self, model: torch.nn.Module, head_labels: tuple[str, list[Any]] | None = None, **kwargs: Any
+        self,
+        model: torch.nn.Module,
+        head_labels: tuple[str, list[Any]] | None = None,
+        mix: MixPlan | None = None,
+        **kwargs: Any,
     ) -> None:
         # An NLU head's (task type, labels): every save gets its labels.json, so a checkpoint loads and predicts on
         # its own.
         self.head_labels = head_labels
+        # Data mixing (--mix_file): the training set is the task's examples then the mixed ones, which the
+        # sampler interleaves at the ratio of every batch.
+        self.mix = mix
         # The health checks come first, so that no other callback acts on a step that broke the prefix.
         kwargs["callbacks"] = [TrainingHealthCallback(), *(kwargs.get("callbacks") or [])]
         # The Trainer refuses a quantized model without a PEFT adapter; the method's parameters are our adapter.
@@ -150,6 +158,14 @@ class TuningTrainer(Trainer):
         finally:
             if flag:
                 model._hf_peft_config_loaded = False
+
+    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+        if self.mix is None:
+            return super()._get_train_sampler(*args, **kwargs)
+        # Seeded by the run and the epoch alone (not the RNG state), so a resumed run, whose Trainer skips the
+        # batches it trained, continues the same mix.
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return self.mix.sampler(self._train_batch_size, seed)
 
     def _stop(self, what: str) -> None:
         raise _stopped(NonFiniteError, f"{what} at step {self.state.global_step}", self.args)
@@ -211,6 +227,8 @@ class TuningTrainer(Trainer):
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir = run_dir
+            if self.mix is not None and self.args.should_save:  # what a resume must continue
+                write_record(self.mix, Path(staged))
             best = self.state.best_model_checkpoint  # the Trainer may have named it inside the staging folder
             if best and Path(best).parent == Path(staging_root):
                 self.state.best_model_checkpoint = os.path.join(run_dir, Path(best).name)
@@ -323,4 +341,5 @@ def make_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
         head_labels=(settings.data.task_type, labels) if head else None,
+        mix=datasets.mix,
     )
