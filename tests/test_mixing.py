@@ -98,17 +98,16 @@ def test_a_resumed_run_continues_the_same_mix(workdir, monkeypatch):
     straight, resumed = workdir / "straight", workdir / "resumed"
     main(train_args(workdir, straight, *common, "--save_steps", "6", steps=12))
     assert seen and all(sum(i >= 16 for i in b) == 1 for b in seen[0][:-1])  # 1 of every 4 is general
+    # 6 batches an epoch: the Trainer's set_epoch reached the sampler
+    assert len(seen) == 2 and seen[0] != seen[1]
     record = json.loads((straight / "checkpoint-6" / mixing.MIX_RECORD).read_text())
     assert record["ratio"] == 0.25 and record["files"] == [str(workdir / "general.json")]
-    main(train_args(workdir, resumed, *common, steps=6))
-    main(
-        train_args(
-            workdir, resumed, *common, "--resume_from_checkpoint", str(resumed / "checkpoint-6"), steps=12
-        )
-    )
+    # resumed in the middle of the first epoch (6 batches an epoch), and on across the second
+    main(train_args(workdir, resumed, *common, steps=4))
+    checkpoint = str(resumed / "checkpoint-4")
+    main(train_args(workdir, resumed, *common, "--resume_from_checkpoint", checkpoint, steps=12))
     assert torch.allclose(prefix_weights(straight), prefix_weights(resumed), atol=1e-6, rtol=0)
     # a resume with another mix (or none) is refused before anything is loaded, naming both
-    checkpoint = str(resumed / "checkpoint-6")
     for other, expected in ((("--mix_ratio", "0.5"), "--mix_ratio 0.5"), ((), "this run has no mixing")):
         with pytest.raises(ValueError, match="was trained with --mix_ratio 0.25") as err:
             flags = [a for a in common if a not in mix] + (list(mix[:2]) + list(other) if other else [])
