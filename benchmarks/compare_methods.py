@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.report import cpu_kind
+from ptuning_v2 import mixing, retention
 from ptuning_v2.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +166,10 @@ class Run:
     steps: int
     mix: str | None = None  # a multi-task pre-training on this mix (task is then the mix's target)
     warm_start: str | None = None  # the id of the run whose prefix this one starts from
+    # The forgetting comparison's (benchmarks/forgetting.py): general chats at this share of every batch, and the
+    # retention score of ptuning_v2.retention beside the task's.
+    mix_ratio: float = 0.0
+    retention: bool = False
 
     @property
     def id(self) -> str:
@@ -172,7 +177,10 @@ class Run:
         base = f"{self.method}{length}-lr{self.learning_rate:g}-s{self.seed}"
         if self.mix:
             return f"pretrain-{self.mix}-{base}-{self.steps}steps"
-        return f"{self.task}-{base}" + (f"-from-{self.warm_start}" if self.warm_start else "")
+        general = (f"-mix{self.mix_ratio:g}" if self.mix_ratio else "") + (
+            "-retention" if self.retention else ""
+        )
+        return f"{self.task}-{base}{general}" + (f"-from-{self.warm_start}" if self.warm_start else "")
 
 
 @dataclass
@@ -184,6 +192,23 @@ class Paths:
 
     def run_dir(self, run: Run) -> Path:
         return self.workdir / "runs" / run.id
+
+
+def bundled(paths: Paths, default: str) -> str:
+    """A bundled file's default path (``data/...``, as the package names it) under the runs' data directory."""
+    return str(paths.data / Path(default).relative_to("data"))
+
+
+def _general_flags(run: Run, paths: Paths) -> list[str]:
+    """The mix and the retention set of a forgetting run, from the runs' data directory."""
+    flags = []
+    if run.mix_ratio:
+        flags += ["--mix_file", bundled(paths, mixing.BUNDLED_MIX), "--mix_ratio", f"{run.mix_ratio:g}"]
+    if run.retention:
+        flags += ["--retention", "true"]
+        for flag, default, _ in retention.RetentionSettings().parts():
+            flags += [f"--{flag}", bundled(paths, default)]
+    return flags
 
 
 def _data_flags(run: Run, budget: Budget, paths: Paths) -> list[str]:
@@ -214,7 +239,7 @@ def train_command(run: Run, budget: Budget, paths: Paths) -> list[str]:
         "--max_source_length", str(task.max_source_length), "--max_target_length", "48",
         "--max_new_tokens", str(budget.max_new_tokens), "--per_device_eval_batch_size", "50",
         "--save_strategy", "no", "--report_to", "none", "--logging_steps", "25", "--disable_tqdm", "true",
-        *_data_flags(run, budget, paths),
+        *_data_flags(run, budget, paths), *_general_flags(run, paths),
     ]  # fmt: skip
     if run.warm_start:
         command += ["--ptuning_checkpoint", str(paths.workdir / "runs" / run.warm_start / "train")]
@@ -239,6 +264,7 @@ def _outcome(run: Run, train_dir: Path, log: str) -> dict[str, Any]:
         "train_seconds": results.get("train", {}).get("train_runtime"),
         "dev": strip((results.get("eval") or {}).get("after")),
         "test": strip(results.get("predict")),
+        **({"retention": results["retention"]} if "retention" in results else {}),
     }
 
 
@@ -536,7 +562,7 @@ def claim_deep_vs_full(tables: dict[str, Any]) -> dict[str, Any]:
         verdict = compare(deep, full)
         verdicts.append(verdict and ("pass" if verdict in ("same", "higher") else "fail"))
         rows.append(f"{task}: ptuning_v2 {_shown(deep)} vs full {_shown(full)} ({verdict or 'n/a'})")
-    return _verdict(verdicts, rows)
+    return combined_verdict(verdicts, rows)
 
 
 def claim_shallow_fail_on_labelling(tables: dict[str, Any]) -> dict[str, Any]:
@@ -550,7 +576,7 @@ def claim_shallow_fail_on_labelling(tables: dict[str, Any]) -> dict[str, Any]:
         verdict = compare(value, deep)
         verdicts.append(verdict and {"lower": "pass", "same": "not shown", "higher": "fail"}[verdict])
         rows.append(f"ner_tok: {shallow} {_shown(value)} vs ptuning_v2 {_shown(deep)} ({verdict or 'n/a'})")
-    return _verdict(verdicts, rows)
+    return combined_verdict(verdicts, rows)
 
 
 def claim_mlp_depends_on_task(tables: dict[str, Any]) -> dict[str, Any]:
@@ -612,10 +638,10 @@ def claim_mpt_helps(tables: dict[str, Any]) -> dict[str, Any]:
         rows.append(
             f"{MPT_TARGET} from {mix}: {_shown(value)} vs from scratch {_shown(scratch)} ({verdict or 'n/a'})"
         )
-    return _verdict(verdicts[:1], rows)  # the paper's mix holds the target task: mix_all decides
+    return combined_verdict(verdicts[:1], rows)  # the paper's mix holds the target task: mix_all decides
 
 
-def _verdict(checks: list[str | None], rows: list[str]) -> dict[str, Any]:
+def combined_verdict(checks: list[str | None], rows: list[str]) -> dict[str, Any]:
     """One verdict from the checks ('pass', 'fail' where the numbers go against the claim, 'not shown' where the
     difference is within the seeds' spread, None where not measured)."""
     measured = [c for c in checks if c]
@@ -846,12 +872,12 @@ def plot(tables: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _plain(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
     """JSON-ready: tuples as lists, -inf (a failed grid run) as None."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [json_ready(v) for v in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
@@ -879,7 +905,7 @@ def write_report(
     paths.results.mkdir(parents=True, exist_ok=True)
     (paths.results / f"{REPORT}.md").write_text(render(report, budget))
     (paths.results / f"{REPORT}.json").write_text(
-        json.dumps(_plain(report), indent=1, ensure_ascii=False) + "\n"
+        json.dumps(json_ready(report), indent=1, ensure_ascii=False) + "\n"
     )
     plot(tables, paths.results / f"{REPORT}.png")
     return report
@@ -904,7 +930,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _known_results(paths: Paths) -> dict[str, dict]:
+def known_results(paths: Paths) -> dict[str, dict]:
     found = {}
     for file in sorted((paths.workdir / "runs").glob("*/result.json")):
         result = json.loads(file.read_text())
@@ -912,14 +938,14 @@ def _known_results(paths: Paths) -> dict[str, dict]:
     return found
 
 
-def _invocations(paths: Paths) -> list[dict[str, Any]]:
+def invocations_of(paths: Paths) -> list[dict[str, Any]]:
     file = paths.workdir / "invocations.json"
     return json.loads(file.read_text()) if file.is_file() else []
 
 
 def record_invocation(paths: Paths, started: str, minutes: float, command: str) -> list[dict[str, Any]]:
     """This invocation's wall time so far, beside the earlier ones' (a restart resumes them): every invocation."""
-    invocations = [i for i in _invocations(paths) if i["started"] != started]
+    invocations = [i for i in invocations_of(paths) if i["started"] != started]
     invocations.append({"started": started, "minutes": round(minutes, 2), "command": command})
     # Atomic: a run killed while writing must not leave a file that stops the restart from reading it.
     atomic_write_text(paths.workdir / "invocations.json", json.dumps(invocations, indent=1) + "\n")
@@ -950,7 +976,9 @@ def main(argv: list[str] | None = None) -> int:
     def meta() -> dict[str, Any]:
         minutes = (time.monotonic() - started) / 60
         invocations = (
-            record_invocation(paths, stamp, minutes, command) if not args.report_only else _invocations(paths)
+            record_invocation(paths, stamp, minutes, command)
+            if not args.report_only
+            else invocations_of(paths)
         )
         return {
             # The command that ran the runs; a --report_only rewrite is named beside it.
@@ -964,7 +992,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_minutes": sum(i["minutes"] for i in invocations),
         }
 
-    results = _known_results(paths)
+    results = known_results(paths)
     if not args.report_only:
         total = planned_count(budget)
         initial = min(len(results), total)
