@@ -43,7 +43,7 @@ from .protocol import (
     CompletionRequest,
     RequestLimits,
 )
-from .settings import DEFAULT_MODEL, default_prefixes, parse_prefixes
+from .settings import DEFAULT_MODEL, served_prefixes
 
 API_KEY_ENV = "PTUNING_V2_API_KEY"
 
@@ -473,10 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     args = parse_args(argv)
-    if args.prefixes is not None:
-        prefixes = parse_prefixes(args.prefixes)
-    else:  # the main job trains on the embedded model; its prefix would not fit another backbone
-        prefixes = default_prefixes() if args.model == DEFAULT_MODEL else {}
+    prefixes = served_prefixes(args.prefixes, args.model)
     # The key comes from the environment, not argv, so it does not show in the process list.
     api_key = os.environ.get(API_KEY_ENV) or None
     engine = Engine.load(args.model, prefixes, args.quantization_bit, args.max_batch_size, args.batch_wait_ms)

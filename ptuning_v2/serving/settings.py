@@ -49,6 +49,14 @@ def parse_prefixes(spec: str | None) -> dict[str, str]:
     return prefixes
 
 
+def served_prefixes(spec: str | None, model: str) -> dict[str, str]:
+    """The prefixes a server loads: ``spec`` (PREFIXES) as given; unset, the main job's prefix when ``model`` is
+    the embedded one (the main job trains on it; its prefix would not fit another backbone)."""
+    if spec is not None:
+        return parse_prefixes(spec)
+    return default_prefixes() if model == DEFAULT_MODEL else {}
+
+
 def default_prefixes(root: str | Path = REPO_ROOT) -> dict[str, str]:
     """The main job's prefix (``ner``) when ``bash scripts/train_pt2.sh`` has saved it, else nothing."""
     path = Path(root) / DEFAULT_PREFIX_DIR
