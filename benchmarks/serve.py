@@ -4,6 +4,7 @@ against a one-request-at-a-time server (MAX_BATCH_SIZE=1) on the same machine, i
     python -m benchmarks.serve                                  # glm-zh-tiny, two random prefixes
     python -m benchmarks.serve --prefixes ner=output/ner-ptuning_v2-64-1e-1,sent=output/sent-...
     python -m benchmarks.serve --quick                          # a smoke test: 1 and 4 clients, 1 request each
+    python -m benchmarks.serve --engines native,vllm            # vLLM too (needs bash scripts/setup_vllm.sh)
 
 Each server is started with ``bash scripts/api.sh`` and driven by the official ``openai`` client (one thread per
 client, each sending its requests one after another, non-streamed, greedy). Prints a markdown table and writes
@@ -44,6 +45,9 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="NAME=PATH,NAME=PATH (the first is the 'one prefix' case); default: two random prefixes "
         "(64 and 16 tokens) written to a temporary directory",
+    )
+    parser.add_argument(
+        "--engines", default="native", help="native, vllm or both (comma-separated): api.sh's ENGINE settings"
     )
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests_per_client", type=int, default=4)
@@ -99,20 +103,23 @@ def free_port() -> int:
 class Server:
     """``bash scripts/api.sh`` in a subprocess, ready to answer."""
 
-    def __init__(self, model: str, prefixes: str, max_batch_size: int) -> None:
+    def __init__(self, model: str, prefixes: str, max_batch_size: int, engine: str = "native") -> None:
         import openai
 
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         settings = [
+            f"ENGINE={engine}",
             f"MODEL={model}",
             f"PREFIXES={prefixes}",
             f"PORT={self.port}",
             f"MAX_BATCH_SIZE={max_batch_size}",
         ]
+        quiet = ["--uvicorn-log-level", "warning"] if engine == "vllm" else ["--log_level", "warning"]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vLLM's CPU backend wants it said
         self.process = subprocess.Popen(
-            ["bash", "scripts/api.sh", *settings, "--log_level", "warning"],
+            ["bash", "scripts/api.sh", *settings, *quiet],
             cwd=ROOT,
             env=env,
             stdout=self.log,
@@ -151,9 +158,9 @@ def run_load(url: str, jobs: list[list[tuple[str, str]]], max_tokens: int) -> di
             reply = api.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens
             )
-            results.append(
-                (time.perf_counter() - start, reply.usage.completion_tokens, reply.choices[0].message.content)
-            )
+            # vLLM keeps the "\n " the model writes after <|assistant|>; the native engine drops it.
+            answer = reply.choices[0].message.content.strip()
+            results.append((time.perf_counter() - start, reply.usage.completion_tokens, answer))
         return results
 
     start = time.perf_counter()
@@ -185,8 +192,14 @@ def main() -> None:
         backbone = Path(args.model).name
         scenarios = {"one prefix": [names[0]], "mixed": [*names, backbone]}
         rows = []
-        for label, max_batch_size in (("batched", args.max_batch_size), ("one at a time", 1)):
-            server = Server(args.model, prefixes, max_batch_size)
+        engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+        servers = [("batched", args.max_batch_size, "native"), ("one at a time", 1, "native")]
+        if "native" not in engines:
+            servers = servers[1:]  # the one-at-a-time server stays: it is every row's reference
+        if "vllm" in engines:
+            servers.append(("vllm", args.max_batch_size, "vllm"))
+        for label, max_batch_size, engine in servers:
+            server = Server(args.model, prefixes, max_batch_size, engine)
             try:
                 run_load(server.url, [[(FALLBACK_PROMPTS[0], names[0])]], args.max_tokens)  # warm-up
                 for scenario, models in scenarios.items():
@@ -221,7 +234,12 @@ def main() -> None:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in sorted(
-        rows, key=lambda r: (r["prefixes"] != "one prefix", r["clients"], r["server"] != "batched")
+        rows,
+        key=lambda r: (
+            r["prefixes"] != "one prefix",
+            r["clients"],
+            ["batched", "vllm", "one at a time"].index(r["server"]),
+        ),
     ):
         base = reference[row["prefixes"], row["clients"]]
         same = sum(a == b for a, b in zip(row["answers"], base["answers"]))
@@ -235,8 +253,8 @@ def main() -> None:
         f"{args.model} with {source} ({', '.join(names)}; 'mixed' rotates them and the bare backbone), "
         f"greedy, max_tokens={args.max_tokens}, {args.requests_per_client} requests per client, "
         f"{os.cpu_count()} CPUs shared by server and clients; "
-        f"servers: `bash scripts/api.sh MODEL=... PREFIXES=... MAX_BATCH_SIZE={args.max_batch_size}` (batched) "
-        f"and `MAX_BATCH_SIZE=1` (one at a time); command: `python -m benchmarks.serve {' '.join(sys.argv[1:])}`"
+        f"servers: `bash scripts/api.sh MODEL=... PREFIXES=... MAX_BATCH_SIZE={args.max_batch_size}` (batched), "
+        f"`MAX_BATCH_SIZE=1` (one at a time) and `ENGINE=vllm` (vllm, vllm-cpu 0.32.0, its defaults); command: `python -m benchmarks.serve {' '.join(sys.argv[1:])}`"
     )
     write_report(args.out, table, settings, {"args": vars(args), "rows": rows})
 

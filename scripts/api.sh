@@ -44,7 +44,9 @@ if [[ "$ENGINE" == vllm ]]; then
   is_set TENSOR_PARALLEL_SIZE && check_int TENSOR_PARALLEL_SIZE 1
   is_set PIPELINE_PARALLEL_SIZE && check_int PIPELINE_PARALLEL_SIZE 1
   is_set GPU_MEMORY_UTILIZATION && check_number GPU_MEMORY_UTILIZATION 0 1
-  [[ -x .venv-vllm/bin/python ]] || fail "ENGINE=vllm needs the vLLM environment: run bash scripts/setup_vllm.sh first"
+  # VLLM_PYTHON (environment only): another vLLM environment's python, as scripts/check_compat.sh uses.
+  VLLM_PYTHON=${VLLM_PYTHON:-.venv-vllm/bin/python}
+  [[ -x "$VLLM_PYTHON" ]] || fail "ENGINE=vllm needs the vLLM environment: run bash scripts/setup_vllm.sh first"
   # The tables are computed here, in the project's environment, where every checkpoint format is read; a
   # checkpoint that does not fit fails now, naming it, before vLLM starts.
   TABLES=${VLLM_TABLES_DIR:-output/vllm-prefixes-$PORT}
@@ -59,7 +61,7 @@ if [[ "$ENGINE" == vllm ]]; then
   is_set GPU_MEMORY_UTILIZATION && ARGS+=(--gpu-memory-utilization "$GPU_MEMORY_UTILIZATION")
   # vLLM reads its key from the environment, so it stays out of argv too.
   [[ -n "${API_KEY:-}" ]] && export VLLM_API_KEY="$API_KEY"
-  CMD=(.venv-vllm/bin/python -m ptuning_v2.vllm_serving.launch "${ARGS[@]}" "${PASSTHROUGH[@]}")
+  CMD=("$VLLM_PYTHON" -m ptuning_v2.vllm_serving.launch "${ARGS[@]}" "${PASSTHROUGH[@]}")
   print_command "${CMD[@]}"
   exec "${CMD[@]}"
 fi
