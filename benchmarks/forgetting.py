@@ -292,7 +292,8 @@ def plot(table: dict[str, Any], path: Path) -> None:
         ax.set_xlabel(SHOWN[key])
         ax.set_ylabel("test entity F1")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, title="method (labels: mix ratio)", title_fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:  # a partial report may have nothing to plot yet
+        axes[0].legend(fontsize=8, title="method (labels: mix ratio)", title_fontsize=7)
     fig.suptitle("Task score against retention, generative NER (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
