@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.do_train:
         results["train"] = train(trainer, plan)
     if evaluating or retain is not None:
-        with writing(output_dir, "writing the predictions and scores of the validation and general sets"):
+        parts = ["the validation set"] if evaluating else []
+        sets = " and ".join(parts + (["the general set (--retention)"] if retain is not None else []))
+        with writing(output_dir, f"writing the predictions and scores of {sets}"):
             results.update(evaluate_before_after(settings, model, datasets, score, before, retain))
     if datasets.test is not None:
         with writing(output_dir, "writing the predictions of the test set"):
