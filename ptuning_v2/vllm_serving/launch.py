@@ -73,9 +73,16 @@ def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
             f"QUANTIZATION_BIT={args.quantization_bit}: vLLM quantizes a backbone in flight to 4 bits only "
             "(bitsandbytes); use 4 or none"
         )
-    if not any(flag == "--dtype" or flag.startswith("--dtype=") for flag in extra) and not _has_cuda():
+    if not _given(extra, "--dtype") and not _has_cuda():
         command += ["--dtype", "float32"]  # what the native engine runs on a CPU, so answers can match
+    if not _given(extra, "--override-generation-config"):
+        # The native server answers greedily unless asked to sample; vLLM's default temperature is 1.
+        command += ["--override-generation-config", json.dumps({"temperature": 0.0})]
     return command + extra
+
+
+def _given(extra: list[str], flag: str) -> bool:
+    return any(word == flag or word.startswith(flag + "=") for word in extra)
 
 
 def _has_cuda() -> bool:
