@@ -93,8 +93,7 @@ def committed_rates(budget: ForgettingBudget, report: Path) -> dict[str, float] 
 def grid_runs(budget: ForgettingBudget, results: dict[str, dict]) -> list[cm.Run]:
     """The methods comparison's grid (and one step beyond an edge, once the grid is done) on generative NER."""
     base = grid_budget(budget)
-    runs = [r for r in cm.grid_runs(base) + cm.edge_runs(base, results) if r.task == TASK]
-    return runs
+    return [r for r in cm.grid_runs(base) + cm.edge_runs(base, results) if r.task == TASK]
 
 
 def chosen_rates(budget: ForgettingBudget, results: dict[str, dict]) -> dict[str, float]:
@@ -115,10 +114,6 @@ def forgetting_runs(budget: ForgettingBudget, rates: dict[str, float]) -> list[c
 # ------------------------------------------------------------------------------------------------ summaries
 
 
-def _stats(values: list[float]) -> tuple[float, float] | None:
-    return cm.mean_std(values)
-
-
 def summarise(runs: list[cm.Run], results: dict[str, dict]) -> dict[str, Any]:
     done = [results[r.id] for r in runs if r.id in results and "failed" not in results[r.id]]
     score = cm.TASKS[TASK].score
@@ -129,11 +124,11 @@ def summarise(runs: list[cm.Run], results: dict[str, dict]) -> dict[str, Any]:
         "done": len(done),
         "failed": [results[r.id]["failed"] for r in runs if r.id in results and "failed" in results[r.id]],
         "learning_rate": runs[0].learning_rate,
-        "dev": _stats([d["dev"][score] for d in done if score in d.get("dev", {})]),
-        "test": _stats([d["test"][score] for d in done if score in d.get("test", {})]),
-        "retention": {k: _stats([a[k] for a in after if k in a]) for k in HIGHER_IS_BETTER},
-        "backbone": {k: _stats([b[k] for b in before if k in b]) for k in HIGHER_IS_BETTER},
-        "cpu_seconds": _stats([d["cpu_seconds"] for d in done if d.get("cpu_seconds") is not None]),
+        "dev": cm.mean_std([d["dev"][score] for d in done if score in d.get("dev", {})]),
+        "test": cm.mean_std([d["test"][score] for d in done if score in d.get("test", {})]),
+        "retention": {k: cm.mean_std([a[k] for a in after if k in a]) for k in HIGHER_IS_BETTER},
+        "backbone": {k: cm.mean_std([b[k] for b in before if k in b]) for k in HIGHER_IS_BETTER},
+        "cpu_seconds": cm.mean_std([d["cpu_seconds"] for d in done if d.get("cpu_seconds") is not None]),
     }
 
 

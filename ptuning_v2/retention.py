@@ -206,7 +206,10 @@ def summed_nll(
                 ids[row, : len(tokens)] = torch.tensor(tokens)
                 labels[row, : len(targets)] = torch.tensor(targets)
                 mask[row, : len(tokens)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            # Input-prompt methods (P-Tuning v1, Prompt Tuning) put virtual tokens in front: the real tokens'
+            # logits are the last ``width``.
+            logits = logits[:, -width:][:, :-1].float()
             targets = labels[:, 1:].to(device)
             total += F.cross_entropy(
                 logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum"

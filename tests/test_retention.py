@@ -101,7 +101,7 @@ def test_a_users_file_is_scored_by_loss_or_perplexity(workdir):
         )
         metrics, answers = general.score(model)
         assert list(general.labels) == [key] and metrics[key] > 0 and answers == []
-    # the loss is the response's mean token loss, as training computes it (a lower loss for a likelier answer)
+    # a .txt file is scored as the held-out texts are: the same documents, the same perplexity
     assert metrics["file-perplexity"] == pytest.approx(
         retention.RetentionSet(retention.RetentionSettings(retention=True, retention_heldout_file=str(path),
                                                            **{**off, "retention_heldout_lines": 2}), tokenizer)
