@@ -255,3 +255,50 @@ def test_vllm_hooks_and_sharding():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# GLM-4 (partial, interleaved rotary, as the embedded GLM) passed too; it is left out for the suite's time.
+@pytest.mark.parametrize("kind", ["qwen2"])
+def test_other_families_answer_as_native(kind, tmp_path):
+    """A tiny Qwen2 made here (full-width, non-interleaved rotary, unlike the embedded GLM's): both position
+    conventions, mixed in one batch with the bare backbone, through vLLM's offline engine."""
+    from serving_fixtures import TEXTS
+    from tiny_models import save_tiny_backbone
+
+    from ptuning_v2.vllm_serving.export import export
+
+    # vLLM's CPU attention takes head sizes of 32 and up, not the tiny models' usual 8.
+    backbone = save_tiny_backbone(
+        tmp_path / kind, [*TEXTS, "人名地名"], kind=kind, initializer_range=0.3, head_dim=32, hidden_size=128
+    )
+    prefixes = {}
+    for name, convention, length in (("glm-pos", "chatglm", 5), ("peft-pos", "peft", 9)):
+        model = load_model(str(backbone))
+        attach_prefix(model, PrefixConfig(pre_seq_len=length, position_convention=convention))
+        prefixes[name] = str(_random(model, length).tuning.save(tmp_path / name))
+    export(str(backbone), prefixes, tmp_path / "tables")
+    requests, want = [], []
+    with Engine.load(str(backbone), prefixes, device="cpu") as engine:
+        for prefix in [None, *prefixes]:
+            for text in TEXTS[:3]:
+                ids = engine.prompt_ids([{"role": "user", "content": text}])
+                reply = engine.submit(ids, prefix, SamplingParams(max_new_tokens=12))
+                list(reply)  # to the end: token_ids is complete after
+                requests.append({"prefix": prefix, "prompt_ids": ids, "max_tokens": 12})
+                want.append(reply.token_ids)
+    (tmp_path / "requests.json").write_text(json.dumps(requests))
+    result = subprocess.run(
+        [str(VLLM_PYTHON), str(REPO / "tests" / "vllm_offline_answers.py"), str(tmp_path / "tables"),
+         str(tmp_path / "requests.json"), str(tmp_path / "answers.json")],
+        cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    # The native engine also stops at the chat's role tokens; this tiny model's generation config names only eos.
+    stops = set(engine.stop_ids)
+    got = [_until(answer, stops) for answer in json.loads((tmp_path / "answers.json").read_text())]
+    assert got == want
+    assert len({tuple(w) for w in want[::3]}) == 3  # the two prefixes change the answer
+
+
+def _until(tokens: list[int], stops: set[int]) -> list[int]:
+    return next((tokens[:i] for i, token in enumerate(tokens) if token in stops), tokens)
