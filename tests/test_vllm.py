@@ -217,14 +217,19 @@ def test_completions_with_a_prefix(client, checkpoints):
 
 
 def test_placeholders_count_in_the_context(client):
-    """A prompt that fits the 256-token context bare no longer fits with a 20-token prefix: the usual 400."""
+    """A prompt that fits the 256-token context bare no longer fits with a 20-token prefix: the usual 400.
+    One that fits with its prefix but not with all of max_tokens is answered up to the context's end (vLLM's
+    way; the native server refuses it)."""
     import openai
 
-    prompt = "好" * 232  # [gMASK]sop + 232 + 8 new tokens: 242 bare, 262 with the prefix's 20
+    prompt = "好" * 245  # + 3 special tokens: 248 bare, 268 with the prefix's 20 placeholders
     bare = client.completions.create(model="glm-zh-tiny", prompt=prompt, max_tokens=8, temperature=0)
-    assert bare.usage.prompt_tokens + 8 <= 256 < bare.usage.prompt_tokens + 20 + 8
+    assert bare.usage.prompt_tokens + 8 <= 256 < bare.usage.prompt_tokens + 20
     with pytest.raises(openai.BadRequestError, match="context length|maximum"):
         client.completions.create(model="pt2-peft", prompt=prompt, max_tokens=8, temperature=0)
+    short = client.completions.create(model="pt2-peft", prompt="好" * 230, max_tokens=8, temperature=0)
+    assert short.usage.prompt_tokens == 233 + 20
+    assert short.usage.prompt_tokens + short.usage.completion_tokens <= 256
     with pytest.raises(openai.BadRequestError, match="echo"):
         client.completions.create(model="pt2", prompt="好", max_tokens=1, echo=True)
 
