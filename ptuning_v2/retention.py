@@ -116,22 +116,16 @@ def settings_problems(settings: RetentionSettings) -> list[str]:
 def read_copy_sentences(path: str | os.PathLike, count: int, max_chars: int) -> list[str]:
     """The first ``count`` unsegmented sentences of a ``seg`` split (its ``summary`` is the sentence with spaces
     between words), each cut to ``max_chars`` characters."""
+    from .data import decode_utf8, iter_json_lines
+
+    path = str(path)
     sentences = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if len(sentences) == count:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: malformed JSON: {err.msg} (column {err.colno})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("summary"), str):
-                raise ValueError(
-                    f"{path}:{n}: no 'summary' string (a segmentation row: words joined by spaces)"
-                )
-            sentences.append(row["summary"].replace(" ", "")[:max_chars])
+    for location, row in iter_json_lines(path, decode_utf8(path, Path(path).read_bytes())):
+        if len(sentences) == count:
+            break
+        if not isinstance(row, dict) or not isinstance(row.get("summary"), str):
+            raise ValueError(f"{location}: no 'summary' string (a segmentation row: words joined by spaces)")
+        sentences.append(row["summary"].replace(" ", "")[:max_chars])
     return sentences
 
 
