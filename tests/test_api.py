@@ -292,16 +292,22 @@ def test_a_checkpoint_that_does_not_fit_fails_at_start_up(paths, tmp_path):
     assert process.returncode == 1, out + err
     assert "error: prefix 'short'" in err and "does not fit this model" in err
     assert "Traceback" not in err
-    for setting in (
-        "PORT=http",
-        "MAX_BATCH_SIZE=0",
-        "COLOUR=blue",
-        "MAX_REQUEST_MESSAGES=0",
-        "MAX_REQUEST_CHARS=x",
+    for settings in (
+        ["PORT=http"],
+        ["MAX_BATCH_SIZE=0"],
+        ["COLOUR=blue"],
+        ["MAX_REQUEST_MESSAGES=0"],
+        ["MAX_REQUEST_CHARS=x"],
+        ["ENGINE=foo"],
+        ["ENGINE=vllm", "QUANTIZATION_BIT=8"],  # vLLM quantizes in flight to 4 bits only
+        ["ENGINE=vllm", "MAX_REQUEST_CHARS=100"],  # the native engine's bound
+        ["ENGINE=vllm", "TENSOR_PARALLEL_SIZE=0"],
+        ["ENGINE=vllm", "GPU_MEMORY_UTILIZATION=1.5"],
     ):
-        process = _api_sh(setting, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process = _api_sh(*settings, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _, err = process.communicate(timeout=120)
-        assert process.returncode == 2 and "error:" in err and "Traceback" not in err, (setting, err)
+        assert process.returncode == 2 and "error:" in err and "Traceback" not in err, (settings, err)
+        assert settings[-1].split("=")[0] in err, (settings, err)  # the message names the setting
 
 
 def test_32_concurrent_clients_mixed_prefixes_streaming_and_not(paths, tmp_path):
