@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..methods.prefix import kv_shape_from_config
 from ..serving.engine import Engine, PrefixTable
 from ..serving.settings import DEFAULT_MODEL, served_prefixes
 from .tables import PREFIX_LENGTH_KWARG, Manifest, PrefixEntry, table_salt, write_manifest, write_table
@@ -99,15 +100,15 @@ def export(model: str, prefixes: dict[str, str], out: Path, quantization_bit: st
             template_file = "chat_template.jinja"
             marks = f"{{% if {PREFIX_LENGTH_KWARG} is defined %}}{{{{ {placeholder_text!r} * {PREFIX_LENGTH_KWARG} }}}}{{% endif %}}"
             (staging / template_file).write_text(marks + template)
-        first = engine.prefixes[engine.prefix_names[0]] if engine.prefix_names else None
+        shape = kv_shape_from_config(config)  # the geometry every table was built for
         manifest = Manifest(
             model=str(Path(model).resolve()) if Path(model).exists() else model,
             model_name=engine.model_name,
             placeholder_id=placeholder_id,
             placeholder_text=placeholder_text,
-            num_layers=config.num_hidden_layers,
-            num_kv_heads=first.keys[0].shape[0] if first else config.num_key_value_heads,
-            head_dim=first.keys[0].shape[2] if first else getattr(config, "head_dim", 0),
+            num_layers=shape.num_layers,
+            num_kv_heads=shape.num_kv_heads,
+            head_dim=shape.head_dim,
             chat_template=template_file,
             prefixes=entries,
         )
