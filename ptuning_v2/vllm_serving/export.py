@@ -15,17 +15,25 @@ own rotary embedding (partial and interleaved rotary included, as the model defi
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..files import atomic_directory
 from ..methods.prefix import kv_shape_from_config
 from ..serving.engine import Engine, PrefixTable
 from ..serving.settings import DEFAULT_MODEL, served_prefixes
-from .tables import PREFIX_LENGTH_KWARG, Manifest, PrefixEntry, table_salt, write_manifest, write_table
+from .tables import (
+    MANIFEST,
+    PREFIX_LENGTH_KWARG,
+    Manifest,
+    PrefixEntry,
+    table_salt,
+    write_manifest,
+    write_table,
+)
 
 
 def rotate_keys(backbone: nn.Module, keys: torch.Tensor, offset: int) -> torch.Tensor:
@@ -72,11 +80,12 @@ def table_tensors(backbone: nn.Module, table: PrefixTable) -> tuple[torch.Tensor
 
 
 def export(model: str, prefixes: dict[str, str], out: Path, quantization_bit: str | None = None) -> Path:
-    """Write every prefix's table and the manifest into ``out`` (replaced whole); returns the manifest's path."""
-    with Engine.load(model, prefixes, quantization_bit, device="cpu") as engine:
-        staging = out.with_name(f".{out.name}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+    """Write every prefix's table and the manifest into ``out``, replaced whole and only once all is written (a
+    failure leaves ``out`` as it was); returns the manifest's path."""
+    with (
+        Engine.load(model, prefixes, quantization_bit, device="cpu") as engine,
+        atomic_directory(out, replace=True) as staging,
+    ):
         config = engine.model.config
         placeholder_id, placeholder_text = placeholder_token(engine.tokenizer)
         entries = []
@@ -113,9 +122,7 @@ def export(model: str, prefixes: dict[str, str], out: Path, quantization_bit: st
             prefixes=entries,
         )
         write_manifest(staging, manifest)
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return out / "manifest.json"
+    return out / MANIFEST
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

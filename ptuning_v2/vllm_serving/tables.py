@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,21 +64,15 @@ def table_salt(name: str, keys: torch.Tensor, values: torch.Tensor) -> str:
 
 
 def write_table(folder: Path, name: str, keys: torch.Tensor, values: torch.Tensor) -> str:
-    """Write one prefix's table; returns its file name. Written whole or not at all (a temporary file renamed)."""
+    """Write one prefix's table into ``folder`` (export's staging directory); returns its file name."""
     file = f"{name}.safetensors"
-    partial = folder / f".{file}.partial"
-    save_file({"keys": keys.contiguous(), "values": values.contiguous()}, str(partial))
-    os.replace(partial, folder / file)
+    save_file({"keys": keys.contiguous(), "values": values.contiguous()}, str(folder / file))
     return file
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
     path = folder / MANIFEST
-    partial = folder / f".{MANIFEST}.partial"
-    partial.write_text(
-        json.dumps({"format": FORMAT, "version": VERSION, **asdict(manifest)}, indent=2) + "\n"
-    )
-    os.replace(partial, path)
+    path.write_text(json.dumps({"format": FORMAT, "version": VERSION, **asdict(manifest)}, indent=2) + "\n")
     return path
 
 
