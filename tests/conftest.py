@@ -14,6 +14,7 @@ import openai  # noqa: E402
 import pytest  # noqa: E402
 from serving_fixtures import ServerThread  # noqa: E402
 
+import ptuning_v2.train as train_module  # noqa: E402
 from ptuning_v2.serving.api import create_app  # noqa: E402
 
 
@@ -29,3 +30,14 @@ def server(engine):
 def client(server):
     """The official openai client of that server."""
     return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Settings errors must come before the tokenizer or the model is loaded."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded the model before the settings were checked")
+
+    monkeypatch.setattr(train_module, "load_tokenizer", refuse)
+    monkeypatch.setattr(train_module, "load_model", refuse)

@@ -33,17 +33,6 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Settings errors must come before the tokenizer or the model is loaded."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("loaded the model before the settings were checked")
-
-    monkeypatch.setattr(train_module, "load_tokenizer", refuse)
-    monkeypatch.setattr(train_module, "load_model", refuse)
-
-
 def run(
     script: str, *args: str, env: dict | None = None, drop: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess:

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from test_train import ner_rows, train_args, write_jsonl
 from tiny_models import save_tiny_backbone
 
-import ptuning_v2.train as train_module
 from ptuning_v2 import mixing
 from ptuning_v2.mixing import MixSampler, batch_shares
 from ptuning_v2.train import main, parse_args
@@ -35,15 +34,6 @@ def workdir(tmp_path_factory) -> Path:
     texts = [r["content"] + r["summary"] for r in rows + GENERAL]
     save_tiny_backbone(root / "model", texts, initializer_range=0.2)
     return root
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("loaded the model before the settings were checked")
-
-    monkeypatch.setattr(train_module, "load_tokenizer", refuse)
-    monkeypatch.setattr(train_module, "load_model", refuse)
 
 
 # ---------------------------------------------------------------- the share of every batch, seeded
