@@ -902,13 +902,18 @@ def write_report(
         "claims": judge(tables),
         "runs": results,
     }
-    paths.results.mkdir(parents=True, exist_ok=True)
-    (paths.results / f"{REPORT}.md").write_text(render(report, budget))
-    (paths.results / f"{REPORT}.json").write_text(
-        json.dumps(json_ready(report), indent=1, ensure_ascii=False) + "\n"
-    )
+    write_results(paths.results, REPORT, render(report, budget), report)
     plot(tables, paths.results / f"{REPORT}.png")
     return report
+
+
+def write_results(results: Path, name: str, markdown: str, report: dict) -> None:
+    """``name``.md and ``name``.json into ``results``, each written whole (the plot is the caller's)."""
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(results / f"{name}.md", markdown)
+    atomic_write_text(
+        results / f"{name}.json", json.dumps(json_ready(report), indent=1, ensure_ascii=False) + "\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ main

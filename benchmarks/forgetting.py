@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import compare_methods as cm
-from ptuning_v2.files import atomic_write_text
 
 TASK = "ner_gen"
 REPORT = "forgetting"
@@ -333,12 +332,7 @@ def write_report(
         "claims": {name: {"claim": text, **check(table)} for name, (text, check) in CLAIMS.items()},
         "runs": kept,
     }
-    paths.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(paths.results / f"{REPORT}.md", render(report, budget))
-    atomic_write_text(
-        paths.results / f"{REPORT}.json",
-        json.dumps(cm.json_ready(report), indent=1, ensure_ascii=False) + "\n",
-    )
+    cm.write_results(paths.results, REPORT, render(report, budget), report)
     plot(table, paths.results / f"{REPORT}.png")
     return report
 
